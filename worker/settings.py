@@ -1,0 +1,89 @@
+"""Worker settings, read from the environment (``CACHESHIP_*``).
+
+Everything has a default so that a worker starts with only ``CACHESHIP_REDIS_URL`` set;
+credentials are never settings here: boto3 finds them through its usual chain
+(environment, shared profile, web identity / IRSA).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import field_validator
+
+
+def _split_list(value: object) -> object:
+    """Accept ``a,b`` or ``a:b`` lists from the environment as well as real lists."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.replace(":", ",").split(",")]
+        return [p for p in parts if p]
+    return value
+
+
+class Settings(BaseSettings):
+    """One place for every knob; the README's configuration table mirrors this class."""
+
+    model_config = SettingsConfigDict(env_prefix="CACHESHIP_", extra="ignore")
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Broker and result backend (redis:// or rediss://).",
+    )
+    queue: str = Field(default="cacheship", description="Queue every cacheship task goes to.")
+    source_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories that type=local sources may be read from (comma-separated).",
+    )
+    allowed_buckets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Target buckets allowed (comma-separated); empty allows any bucket.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="Default S3 endpoint when a request names none (MinIO etc.)."
+    )
+    s3_region: str | None = Field(default=None, description="Default S3 region.")
+    s3_use_path_style: bool = Field(default=False, description="Default addressing style.")
+    s3_request_checksum: Literal["when_supported", "when_required"] = Field(
+        default="when_supported",
+        description="Send request checksums only when required (for stores that reject them).",
+    )
+    s3_head_forbidden: Literal["upload", "fail"] = Field(
+        default="upload",
+        description="HEAD answered 403 (no ListBucket right): treat as absent, or fail.",
+    )
+    s3_max_attempts: int = Field(default=5, ge=1, description="botocore retry attempts.")
+    part_size: int = Field(
+        default=16 * 1024 * 1024,
+        ge=5 * 1024 * 1024,
+        description="Smallest multipart part; grows so no blob needs over 10,000 parts.",
+    )
+    task_time_limit: int = Field(default=6 * 3600, ge=60, description="Hard limit per task (s).")
+    task_soft_time_limit: int = Field(
+        default=6 * 3600 - 300, ge=30, description="Soft limit per task (s)."
+    )
+    visibility_timeout: int = Field(
+        default=7 * 3600,
+        ge=60,
+        description="Redis redelivery timeout (s); above the longest task.",
+    )
+    result_expires: int = Field(default=7 * 24 * 3600, description="Results kept in Redis (s).")
+    copy_max_retries: int = Field(default=8, ge=0, description="Retries of a transient error.")
+    heartbeat_file: Path | None = Field(
+        default=None, description="File the worker touches while alive (liveness probe)."
+    )
+    log_level: str = Field(default="INFO", description="Worker log level.")
+
+    @field_validator("source_roots", "allowed_buckets", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings are read once per process: workers are configured by their environment."""
+    return Settings()
