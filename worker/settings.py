@@ -11,9 +11,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from pydantic import field_validator
 
 
 def _split_list(value: object) -> object:
@@ -57,7 +56,7 @@ class Settings(BaseSettings):
     )
     s3_max_attempts: int = Field(default=5, ge=1, description="botocore retry attempts.")
     part_size: int = Field(
-        default=16 * 1024 * 1024,
+        default=8 * 1024 * 1024,
         ge=5 * 1024 * 1024,
         description="Smallest multipart part; grows so no blob needs over 10,000 parts.",
     )
@@ -72,6 +71,9 @@ class Settings(BaseSettings):
     )
     result_expires: int = Field(default=7 * 24 * 3600, description="Results kept in Redis (s).")
     copy_max_retries: int = Field(default=8, ge=0, description="Retries of a transient error.")
+    progress_interval: float = Field(
+        default=0.5, gt=0, description="Seconds between progress updates of a running step."
+    )
     heartbeat_file: Path | None = Field(
         default=None, description="File the worker touches while alive (liveness probe)."
     )

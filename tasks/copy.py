@@ -1,0 +1,79 @@
+"""Copy one layer blob into the target: skip it, touch it, or stream it through the ingester.
+
+This is BuildKit's per-layer step of the S3 exporter (exists? touch when stale : upload),
+written as one plain function so a task only has to call it and report progress.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, BinaryIO, Literal
+
+from tasks.cacheformat import Descriptor
+from tasks.ingester import BlobWriter, DigestMismatchError, stat, touch
+from tasks.request import S3Spec
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+CHUNK = 1024 * 1024
+Action = Literal["uploaded", "skipped", "touched"]
+
+
+@dataclass(frozen=True)
+class CopyOutcome:
+    """What happened to one blob; ``bytes_sent`` excludes parts resumed from a previous try."""
+
+    digest: str
+    size: int
+    action: Action
+    bytes_sent: int = 0
+    bytes_resumed: int = 0
+
+
+def copy_blob(
+    open_source: Callable[[], AbstractContextManager[BinaryIO]],
+    client: S3Client,
+    target: S3Spec,
+    layer: Descriptor,
+    *,
+    head_forbidden: Literal["upload", "fail"] = "upload",
+    min_part_size: int = 8 * CHUNK,
+    progress: Callable[[int], None] = lambda done: None,
+) -> CopyOutcome:
+    """Make ``target`` hold ``layer`` byte for byte; safe to run any number of times."""
+    key = target.blob_key(layer.digest)
+    info = stat(client, target.bucket, key, head_forbidden)
+    if info is not None and info.size == layer.size:
+        age = (datetime.now(UTC) - info.last_modified).total_seconds()
+        if age >= target.touch_refresh:
+            touch(client, target.bucket, key, info.size)
+            return CopyOutcome(layer.digest, layer.size, "touched")
+        return CopyOutcome(layer.digest, layer.size, "skipped")
+
+    writer = BlobWriter(
+        client,
+        target.bucket,
+        key,
+        layer.digest,
+        layer.size,
+        min_part_size=min_part_size,
+        parallelism=target.upload_parallelism,
+    )
+    try:
+        with open_source() as stream:
+            while chunk := stream.read(CHUNK):
+                writer.write(chunk)
+                progress(writer.offset)
+        writer.commit(layer.size, layer.digest)
+    except DigestMismatchError:
+        raise
+    except BaseException:
+        writer.close()
+        raise
+    return CopyOutcome(
+        layer.digest, layer.size, "uploaded", writer.bytes_sent, writer.bytes_resumed
+    )

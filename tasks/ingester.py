@@ -1,0 +1,318 @@
+"""The S3 ingester: containerd's content-ingester contract on top of S3 multipart uploads.
+
+``writer(ref, expected)`` → ``write(bytes)`` … → ``commit(size, digest)``. Bytes are hashed
+while they stream; the object appears under the digest's key only when
+``CompleteMultipartUpload`` (or the single ``PutObject`` of a small blob) runs, and that runs
+only after size and sha256 matched. A mismatch aborts the upload, so nothing ever sits under
+a digest's key that does not hold exactly that content.
+
+A writer that finds an unfinished upload for its key resumes it: the caller still streams
+every byte (they must be hashed), but parts already stored with the same MD5 are not sent
+again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from botocore.exceptions import ClientError
+
+from tasks.s3client import error_code, is_not_found
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+MiB = 1024 * 1024
+MAX_PARTS = 10_000
+MAX_SINGLE_COPY = 5 * 1024 * MiB
+COPY_PART = 512 * MiB
+
+
+class IngestError(Exception):
+    """A blob could not be stored; the message names the digest."""
+
+
+class DigestMismatchError(IngestError):
+    """The bytes were not the ones the descriptor promised: permanent, never retried."""
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """What HEAD tells about a stored blob."""
+
+    size: int
+    last_modified: datetime
+
+
+def part_size_for(size: int, minimum: int) -> int:
+    """Parts grow with the blob so that none needs more than 10,000 (S3's limit)."""
+    needed = -(-size // MAX_PARTS)
+    chosen = max(minimum, needed)
+    return -(-chosen // MiB) * MiB
+
+
+def stat(
+    client: S3Client, bucket: str, key: str, head_forbidden: Literal["upload", "fail"] = "upload"
+) -> BlobInfo | None:
+    """HEAD the key. 403 means "no ListBucket right": absent or fatal, as configured."""
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if is_not_found(exc):
+            return None
+        if error_code(exc) in ("403", "AccessDenied") and head_forbidden == "upload":
+            return None
+        raise
+    return BlobInfo(size=int(head["ContentLength"]), last_modified=head["LastModified"])
+
+
+def touch(client: S3Client, bucket: str, key: str, size: int) -> None:
+    """Copy the object onto itself with fresh metadata so lifecycle rules keep it."""
+    metadata = {"updated-at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    source = {"Bucket": bucket, "Key": key}
+    if size < MAX_SINGLE_COPY:
+        client.copy_object(
+            Bucket=bucket,
+            Key=key,
+            CopySource=source,
+            MetadataDirective="REPLACE",
+            Metadata=metadata,
+        )
+        return
+    upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, Metadata=metadata)[
+        "UploadId"
+    ]
+    try:
+        parts = []
+        for number, start in enumerate(range(0, size, COPY_PART), start=1):
+            end = min(start + COPY_PART, size) - 1
+            result = client.upload_part_copy(
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                CopySource=source,
+                CopySourceRange=f"bytes={start}-{end}",
+            )
+            parts.append({"PartNumber": number, "ETag": result["CopyPartResult"]["ETag"]})
+        client.complete_multipart_upload(
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+        )
+    except BaseException:
+        client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+        raise
+
+
+def open_uploads(client: S3Client, bucket: str, key: str) -> list[str]:
+    """Upload ids of unfinished multipart uploads of exactly this key."""
+    ids: list[str] = []
+    paginator = client.get_paginator("list_multipart_uploads")
+    for page in paginator.paginate(Bucket=bucket, Prefix=key):
+        ids.extend(u["UploadId"] for u in page.get("Uploads", []) if u.get("Key") == key)
+    return ids
+
+
+def _stored_parts(
+    client: S3Client, bucket: str, key: str, upload_id: str
+) -> dict[int, tuple[int, str]]:
+    parts: dict[int, tuple[int, str]] = {}
+    paginator = client.get_paginator("list_parts")
+    for page in paginator.paginate(Bucket=bucket, Key=key, UploadId=upload_id):
+        for part in page.get("Parts", []):
+            parts[int(part["PartNumber"])] = (int(part["Size"]), str(part["ETag"]).strip('"'))
+    return parts
+
+
+class BlobWriter:
+    """Streams one blob into S3; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        client: S3Client,
+        bucket: str,
+        key: str,
+        expected_digest: str,
+        expected_size: int,
+        *,
+        min_part_size: int = 8 * MiB,
+        parallelism: int = 4,
+    ) -> None:
+        self.client, self.bucket, self.key = client, bucket, key
+        self.expected_digest, self.expected_size = expected_digest, expected_size
+        self.part_size = part_size_for(expected_size, min_part_size)
+        self.single = expected_size <= self.part_size
+        self._sha = hashlib.sha256()
+        self._buffer = bytearray()
+        self._offset = 0
+        self._next_part = 1
+        self._upload_id: str | None = None
+        self._stored: dict[int, tuple[int, str]] = {}
+        self._etags: dict[int, str] = {}
+        self._futures: list[Future[None]] = []
+        self._slots = threading.BoundedSemaphore(parallelism)
+        self._pool = ThreadPoolExecutor(max_workers=parallelism) if not self.single else None
+        self.bytes_sent = 0
+        self.bytes_resumed = 0
+        self._sent_lock = threading.Lock()
+        if not self.single:
+            self._resume_or_create()
+
+    def _resume_or_create(self) -> None:
+        for upload_id in open_uploads(self.client, self.bucket, self.key):
+            try:
+                self._stored = _stored_parts(self.client, self.bucket, self.key, upload_id)
+            except ClientError as exc:
+                if is_not_found(exc):
+                    continue
+                raise
+            self._upload_id = upload_id
+            return
+        created = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)
+        self._upload_id = created["UploadId"]
+
+    @property
+    def offset(self) -> int:
+        """Bytes written so far (hashed, whether sent or found already stored)."""
+        return self._offset
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Hash and buffer; full parts go to the upload pool (at most ``parallelism`` in flight)."""
+        self._offset += len(data)
+        if self._offset > self.expected_size:
+            self.abort()
+            raise DigestMismatchError(
+                f"{self.expected_digest}: source has more than the {self.expected_size} bytes "
+                "its descriptor says"
+            )
+        self._sha.update(data)
+        self._buffer += data
+        while not self.single and len(self._buffer) >= self.part_size:
+            chunk = bytes(self._buffer[: self.part_size])
+            del self._buffer[: self.part_size]
+            self._submit(chunk)
+
+    def _submit(self, chunk: bytes) -> None:
+        number = self._next_part
+        self._next_part += 1
+        stored = self._stored.get(number)
+        if stored is not None and stored[0] == len(chunk):
+            etag = hashlib.md5(chunk, usedforsecurity=False).hexdigest()
+            if etag == stored[1]:
+                self._etags[number] = stored[1]
+                self.bytes_resumed += len(chunk)
+                return
+        self._raise_failed_part()
+        self._slots.acquire()
+        assert self._pool is not None
+        self._futures.append(self._pool.submit(self._send_part, number, chunk))
+
+    def _send_part(self, number: int, chunk: bytes) -> None:
+        try:
+            assert self._upload_id is not None
+            result = self.client.upload_part(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=chunk,
+            )
+            self._etags[number] = str(result["ETag"]).strip('"')
+            with self._sent_lock:
+                self.bytes_sent += len(chunk)
+        finally:
+            self._slots.release()
+
+    def _raise_failed_part(self) -> None:
+        for future in self._futures:
+            if future.done() and future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
+
+    def _check(self, size: int, digest: str) -> None:
+        actual = "sha256:" + self._sha.hexdigest()
+        if self._offset != size or size != self.expected_size:
+            raise DigestMismatchError(
+                f"{self.expected_digest}: source has {self._offset} bytes, descriptor says {size}"
+            )
+        if actual != digest or digest != self.expected_digest:
+            raise DigestMismatchError(
+                f"{self.expected_digest}: content does not match its digest (got {actual})"
+            )
+
+    def commit(self, size: int, digest: str) -> None:
+        """Store the blob if, and only if, it is exactly ``size`` bytes hashing to ``digest``."""
+        try:
+            self._check(size, digest)
+        except DigestMismatchError:
+            self.abort()
+            raise
+        if self.single:
+            body = bytes(self._buffer)
+            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body)
+            self.bytes_sent += len(body)
+            return
+        if self._buffer or self._next_part == 1:
+            self._submit(bytes(self._buffer))
+            self._buffer.clear()
+        self._wait_parts()
+        parts: list[dict[str, Any]] = [
+            {"PartNumber": n, "ETag": f'"{e}"'} for n, e in sorted(self._etags.items())
+        ]
+        assert self._upload_id is not None
+        try:
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self._upload_id,
+                MultipartUpload={"Parts": parts},  # type: ignore[typeddict-item]
+            )
+        except ClientError as exc:
+            # Another writer of the same blob finished (and verified) first.
+            if not is_not_found(exc) or stat(self.client, self.bucket, self.key) is None:
+                raise
+        finally:
+            self._close_pool()
+
+    def _wait_parts(self) -> None:
+        try:
+            for future in self._futures:
+                future.result()
+        finally:
+            self._futures.clear()
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def abort(self) -> None:
+        """Drop the unfinished upload: nothing is stored, no parts are left behind."""
+        for future in self._futures:
+            future.cancel()
+        self._close_pool()
+        self._futures.clear()
+        if self._upload_id is not None:
+            try:
+                self.client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=self.key, UploadId=self._upload_id
+                )
+            except ClientError as exc:
+                if not is_not_found(exc):
+                    raise
+            self._upload_id = None
+
+    def close(self) -> None:
+        """Release threads without aborting: an unfinished upload stays resumable."""
+        for future in self._futures:
+            future.cancel()
+        self._close_pool()
+
+
+ProgressFn = Callable[[int], None]

@@ -1,0 +1,294 @@
+"""What a build farm asks for: an export request, its source and its target.
+
+The same models serve the JSON request (with a published JSON schema) and buildx's
+``type=...,key=value`` strings, so both are validated by one set of rules before anything
+is read or written.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+CREDENTIAL_KEYS = frozenset(
+    {
+        "access_key_id",
+        "secret_access_key",
+        "session_token",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+    }
+)
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_NAME_BYTES = 1024
+
+
+class RequestError(ValueError):
+    """A request that cannot be carried out; the message names the field."""
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds in a Go duration (``24h``, ``1h30m``, ``0s``, ``500ms``): BuildKit's format."""
+    value = text.strip()
+    if value in ("0", ""):
+        return 0.0
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(value):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos != len(value) or pos == 0:
+        raise ValueError(f"{text!r} is not a duration like 24h, 30m or 0s")
+    return total
+
+
+def _check_text(value: str, what: str) -> str:
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ValueError(f"{what} must not contain control characters")
+    if len(value.encode()) > MAX_NAME_BYTES:
+        raise ValueError(f"{what} is longer than {MAX_NAME_BYTES} bytes")
+    return value
+
+
+def _check_key_part(value: str, what: str) -> str:
+    _check_text(value, what)
+    if any(part in ("..", ".") for part in value.split("/")):
+        raise ValueError(f"{what} must not contain '.' or '..' path segments")
+    if value.startswith("/"):
+        raise ValueError(f"{what} must not start with '/'")
+    return value
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_credentials(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            found = sorted(k for k in data if str(k).replace("-", "_").lower() in CREDENTIAL_KEYS)
+            if found:
+                raise ValueError(
+                    f"{found[0]}: credentials are not accepted in a request; configure them "
+                    "on the workers (environment, profile or IRSA)"
+                )
+        return data
+
+
+class LocalSpec(_Spec):
+    """A cache directory as ``--export-cache type=local,dest=DIR`` wrote it (OCI layout)."""
+
+    type: Literal["local"] = "local"
+    src: str = Field(description="Directory holding oci-layout, index.json and blobs/.")
+    tag: str | None = Field(
+        default=None, description="Manifest picked by its ref name annotation (default latest)."
+    )
+    digest: str | None = Field(default=None, description="Manifest picked by digest instead.")
+
+    @field_validator("src")
+    @classmethod
+    def _src(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must name a directory")
+        return _check_text(value, "src")
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> LocalSpec:
+        if self.tag is not None and self.digest is not None:
+            raise ValueError("give tag or digest, not both")
+        return self
+
+
+class S3Spec(_Spec):
+    """BuildKit's S3 cache layout, with BuildKit's attribute names and defaults."""
+
+    type: Literal["s3"] = "s3"
+    bucket: str = Field(description="Bucket name.")
+    region: str | None = Field(default=None, description="Bucket region (worker default).")
+    prefix: str = Field(default="", description="Prefix of every key.")
+    blobs_prefix: str = Field(default="blobs/", description="Prefix of layer and config blobs.")
+    manifests_prefix: str = Field(default="manifests/", description="Prefix of cache names.")
+    name: list[str] = Field(
+        default_factory=lambda: ["buildkit"],
+        description="Cache names (buildx: several separated by ';'); sources read the first.",
+    )
+    endpoint_url: str | None = Field(default=None, description="S3 endpoint (worker default).")
+    use_path_style: bool | None = Field(default=None, description="Path-style addressing.")
+    touch_refresh: float = Field(
+        default=24 * 3600.0,
+        ge=0,
+        description="Seconds (or a Go duration like 24h) after which an existing blob is touched.",
+    )
+    upload_parallelism: int = Field(default=4, ge=1, le=64, description="Parts in flight per blob.")
+    oci_mediatypes: bool = Field(
+        default=False, alias="oci-mediatypes", description="Write an OCI index, not a Docker list."
+    )
+    image_manifest: bool = Field(
+        default=False, alias="image-manifest", description="Write an OCI image manifest."
+    )
+    mode: Literal["min", "max"] | None = Field(
+        default=None, description="Accepted for buildx compatibility; every record is copied."
+    )
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, value: str) -> str:
+        if not _BUCKET.match(value) or ".." in value:
+            raise ValueError("must be 3-63 characters of a-z, 0-9, '.' and '-'")
+        return value
+
+    @field_validator("prefix", "blobs_prefix", "manifests_prefix")
+    @classmethod
+    def _prefixes(cls, value: str) -> str:
+        return _check_key_part(value, "prefix")
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(";")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _check_names(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one name is needed")
+        for item in value:
+            if not item:
+                raise ValueError("names must not be empty")
+            _check_key_part(item, f"name {item[:40]!r}")
+        return value
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("touch_refresh", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_go_duration(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _image_manifest_needs_oci(self) -> S3Spec:
+        if self.image_manifest and not self.oci_mediatypes:
+            raise ValueError("image-manifest=true needs oci-mediatypes=true")
+        return self
+
+    def blob_key(self, digest: str) -> str:
+        """Where BuildKit looks for a blob."""
+        return f"{self.prefix}{self.blobs_prefix}{digest}"
+
+    def manifest_key(self, name: str) -> str:
+        """Where BuildKit looks for a cache name."""
+        return f"{self.prefix}{self.manifests_prefix}{name}"
+
+
+Source = Annotated[LocalSpec | S3Spec, Field(discriminator="type")]
+
+
+class ExportRequest(BaseModel):
+    """One export: copy the cache at ``source`` into ``target``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Source
+    target: S3Spec
+
+
+_FRIENDLY = {
+    "extra_forbidden": "unknown attribute",
+    "missing": "required",
+}
+
+
+def error_message(exc: ValidationError, root: str = "") -> str:
+    """One line per problem, each naming the field; input values are never echoed."""
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("local", "s3"))
+        where = ".".join(p for p in (root, loc) if p)
+        msg = _FRIENDLY.get(err["type"], str(err["msg"]).removeprefix("Value error, "))
+        lines.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(lines)
+
+
+def parse_request(data: str | bytes | dict[str, Any]) -> ExportRequest:
+    """Validate a JSON request (text or already decoded)."""
+    try:
+        if isinstance(data, dict):
+            return ExportRequest.model_validate(data)
+        return ExportRequest.model_validate_json(data)
+    except ValidationError as exc:
+        raise RequestError(error_message(exc)) from None
+
+
+def spec_items(text: str) -> dict[str, str]:
+    """Split buildx's CSV ``key=value`` form (quoted values allowed) into a dict."""
+    fields = next(csv.reader([text]), [])
+    items: dict[str, str] = {}
+    for raw in fields:
+        key, sep, value = raw.partition("=")
+        key = key.strip().lower()
+        if not sep or not key:
+            raise RequestError(f"{raw.strip()[:40]!r}: expected key=value")
+        norm = key.replace("-", "_")
+        if norm in CREDENTIAL_KEYS:
+            raise RequestError(
+                f"{key}: credentials are not accepted in a request; configure them on the "
+                "workers (environment, profile or IRSA)"
+            )
+        if norm in items:
+            raise RequestError(f"{key}: given twice")
+        items[norm] = value
+    if "type" not in items:
+        raise RequestError("type: missing (e.g. type=s3 or type=local)")
+    return items
+
+
+_SPEC_ADAPTER: TypeAdapter[LocalSpec | S3Spec] = TypeAdapter(Source)
+
+
+def parse_spec(text: str, role: str = "cache") -> LocalSpec | S3Spec:
+    """Parse ``type=s3,bucket=...`` the way buildx users write it; errors name ``role.key``."""
+    items: dict[str, Any] = dict(spec_items(text))
+    for alias in ("oci_mediatypes", "image_manifest"):
+        if alias in items:
+            items[alias.replace("_", "-")] = items.pop(alias)
+    if items["type"] not in ("s3", "local"):
+        raise RequestError(f"{role}.type: {items['type']!r} is not supported (s3 or local)")
+    try:
+        return _SPEC_ADAPTER.validate_python(items)
+    except ValidationError as exc:
+        raise RequestError(error_message(exc, role)) from None
+
+
+def parse_target(text: str) -> S3Spec:
+    """A target must be S3."""
+    spec = parse_spec(text, "target")
+    if not isinstance(spec, S3Spec):
+        raise RequestError("target.type: only type=s3 can be a target")
+    return spec
+
+
+def request_schema() -> dict[str, Any]:
+    """The published JSON schema of an export request."""
+    return ExportRequest.model_json_schema()

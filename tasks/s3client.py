@@ -1,0 +1,108 @@
+"""boto3 clients, one per (endpoint, region, style) and process.
+
+Credentials are never passed in here: boto3's default chain finds them (environment,
+shared profile, web identity / IRSA), so nothing secret ever travels in a task message.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+TRANSIENT_CODES = frozenset(
+    {
+        "500",
+        "502",
+        "503",
+        "504",
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "Throttling",
+        "ThrottlingException",
+    }
+)
+
+
+@dataclass(frozen=True)
+class S3Endpoint:
+    """Everything that distinguishes one S3 client from another (no credentials)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    use_path_style: bool = False
+    request_checksum: Literal["when_supported", "when_required"] = "when_supported"
+    max_attempts: int = 5
+    max_pool_connections: int = 32
+
+
+_clients: dict[S3Endpoint, S3Client] = {}
+_lock = threading.Lock()
+
+
+def client_for(endpoint: S3Endpoint) -> S3Client:
+    """A cached client: botocore clients are thread-safe and expensive to build."""
+    with _lock:
+        found = _clients.get(endpoint)
+        if found is None:
+            config = Config(
+                region_name=endpoint.region,
+                retries={"max_attempts": endpoint.max_attempts, "mode": "standard"},
+                s3={"addressing_style": "path" if endpoint.use_path_style else "auto"},
+                request_checksum_calculation=endpoint.request_checksum,
+                response_checksum_validation=endpoint.request_checksum,
+                max_pool_connections=endpoint.max_pool_connections,
+                tcp_keepalive=True,
+                connect_timeout=10,
+                read_timeout=120,
+            )
+            found = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint.endpoint_url, config=config
+            )
+            _clients[endpoint] = found
+        return found
+
+
+def error_code(exc: ClientError) -> str:
+    """The S3 error code, or the HTTP status when the body had none (HEAD answers)."""
+    error = exc.response.get("Error", {})
+    code = str(error.get("Code", ""))
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code or str(status or "")
+
+
+def is_not_found(exc: ClientError) -> bool:
+    """404 / NoSuchKey / NoSuchUpload: the thing is not there."""
+    return error_code(exc) in ("404", "NoSuchKey", "NotFound", "NoSuchUpload")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying later: server errors, throttling, broken connections."""
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+
+    if isinstance(exc, ClientError):
+        return error_code(exc) in TRANSIENT_CODES
+    return isinstance(
+        exc,
+        EndpointConnectionError
+        | ConnectionClosedError
+        | ReadTimeoutError
+        | ResponseStreamingError
+        | ConnectionError
+        | TimeoutError,
+    )

@@ -1,0 +1,28 @@
+"""What every source returns, and the error every source raises."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from tasks.cacheformat import CacheConfig, Descriptor
+
+# BuildKit refuses bigger manifests and configs in its content importer; a source reads at
+# most this much of one, so a hostile file cannot exhaust a worker's memory.
+MAX_METADATA_BYTES = 64 * 1024 * 1024
+
+
+class SourceError(ValueError):
+    """The source cannot be read as a BuildKit cache; the message says which part and why."""
+
+
+class MissingBlobError(SourceError):
+    """A blob the cache references is not in the source: permanent, never retried."""
+
+
+@dataclass(frozen=True)
+class LoadedCache:
+    """A cache as read from its source, before it is parsed into a graph."""
+
+    config: CacheConfig
+    descriptors: Mapping[str, Descriptor]

@@ -1,0 +1,115 @@
+"""A cache directory as ``--export-cache type=local,dest=DIR`` writes it (OCI image layout).
+
+Workers only read under the configured source roots: the directory and every blob path are
+resolved (symlinks followed) and must stay inside one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tasks.cacheformat import (
+    FormatError,
+    check_digest,
+    decode_config,
+    decode_manifest,
+)
+from tasks.request import LocalSpec
+from tasks.sources.common import MAX_METADATA_BYTES, LoadedCache, MissingBlobError, SourceError
+
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+def resolve_source_dir(src: str, roots: Sequence[Path]) -> Path:
+    """The real directory behind ``src``, refused unless it lies under a configured root."""
+    if not roots:
+        raise SourceError("source.src: local sources are disabled (set CACHESHIP_SOURCE_ROOTS)")
+    path = Path(src)
+    if not path.is_absolute():
+        raise SourceError("source.src: must be an absolute path")
+    real = Path(os.path.realpath(path))
+    if not any(_inside(real, Path(os.path.realpath(root))) for root in roots):
+        raise SourceError("source.src: outside the allowed source roots")
+    if not real.is_dir():
+        raise SourceError("source.src: not a directory")
+    return real
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def blob_path(directory: Path, digest: str) -> Path:
+    """``blobs/sha256/<hex>``, refused if a symlink leads out of the cache directory."""
+    algorithm, _, hexpart = check_digest(digest, "digest").partition(":")
+    path = directory / "blobs" / algorithm / hexpart
+    real = Path(os.path.realpath(path))
+    if not _inside(real, directory):
+        raise SourceError(f"blob {digest}: its path leaves the cache directory")
+    return real
+
+
+def _read_small(path: Path, what: str) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_METADATA_BYTES + 1)
+    except FileNotFoundError:
+        raise MissingBlobError(f"{what}: missing") from None
+    except OSError as exc:
+        raise SourceError(f"{what}: cannot be read ({exc.strerror})") from None
+    if len(data) > MAX_METADATA_BYTES:
+        raise SourceError(f"{what}: larger than {MAX_METADATA_BYTES} bytes")
+    return data
+
+
+def _pick_manifest(index: dict[str, Any], spec: LocalSpec) -> dict[str, Any]:
+    manifests = index.get("manifests")
+    if not isinstance(manifests, list) or not manifests:
+        raise SourceError("index.json: has no manifests")
+    for entry in manifests:
+        if not isinstance(entry, dict):
+            raise SourceError("index.json: manifests must be objects")
+        if spec.digest is not None:
+            if entry.get("digest") == spec.digest:
+                return entry
+            continue
+        annotations = entry.get("annotations") or {}
+        if annotations.get(REF_NAME) == (spec.tag or "latest"):
+            return entry
+    wanted = f"digest {spec.digest}" if spec.digest else f"tag {spec.tag or 'latest'!r}"
+    raise SourceError(f"index.json: no manifest with {wanted}")
+
+
+def load(spec: LocalSpec, roots: Sequence[Path]) -> LoadedCache:
+    """Read index.json → manifest → cache config, with every layer descriptor."""
+    directory = resolve_source_dir(spec.src, roots)
+    try:
+        index = json.loads(_read_small(directory / "index.json", "index.json"))
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"index.json: not JSON ({exc.msg})") from None
+    if not isinstance(index, dict):
+        raise SourceError("index.json: not a JSON object")
+    entry = _pick_manifest(index, spec)
+    try:
+        digest = check_digest(entry.get("digest"), "index.json manifest digest")
+        manifest = decode_manifest(_read_small(blob_path(directory, digest), f"manifest {digest}"))
+        config_bytes = _read_small(
+            blob_path(directory, manifest.config.digest), f"config {manifest.config.digest}"
+        )
+        config = decode_config(config_bytes)
+    except FormatError as exc:
+        raise SourceError(str(exc)) from None
+    return LoadedCache(config=config, descriptors={d.digest: d for d in manifest.layers})
+
+
+def open_blob(spec: LocalSpec, roots: Sequence[Path], digest: str) -> BinaryIO:
+    """A binary stream of one layer blob."""
+    directory = resolve_source_dir(spec.src, roots)
+    try:
+        return blob_path(directory, digest).open("rb")
+    except FileNotFoundError:
+        raise MissingBlobError(f"layer {digest}: missing from the source") from None

@@ -1,0 +1,56 @@
+"""Export bookkeeping kept in Redis beside the Celery results.
+
+The plan (config, manifest, layer list) can be megabytes; it is stored once here instead of
+riding in every chord message. Per-layer outcomes (uploaded, skipped, touched, bytes) are
+kept here too, because a layer task's return value must be the same on every run for the
+chord to count re-delivered parts correctly.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+
+class RedisLike(Protocol):
+    """The few Redis commands used here (redis-py's client satisfies it)."""
+
+    def set(self, name: str, value: str, ex: int | None = ...) -> Any: ...
+    def get(self, name: str) -> Any: ...
+    def hsetnx(self, name: str, key: str, value: str) -> Any: ...
+    def hgetall(self, name: str) -> Any: ...
+    def expire(self, name: str, time: int) -> Any: ...
+
+
+def plan_key(export_id: str) -> str:
+    return f"cacheship-plan-{export_id}"
+
+
+def outcomes_key(export_id: str) -> str:
+    return f"cacheship-outcomes-{export_id}"
+
+
+def save_plan(redis: RedisLike, export_id: str, plan: dict[str, Any], ttl: int) -> None:
+    redis.set(plan_key(export_id), json.dumps(plan, separators=(",", ":")), ex=ttl)
+
+
+def load_plan(redis: RedisLike, export_id: str) -> dict[str, Any]:
+    raw = redis.get(plan_key(export_id))
+    if raw is None:
+        raise LookupError(f"export {export_id}: its plan has expired or was never stored")
+    plan: dict[str, Any] = json.loads(raw)
+    return plan
+
+
+def record_outcome(
+    redis: RedisLike, export_id: str, digest: str, outcome: dict[str, Any], ttl: int
+) -> None:
+    """The first finished run of a layer tells what happened; re-runs do not overwrite it."""
+    key = outcomes_key(export_id)
+    redis.hsetnx(key, digest, json.dumps(outcome, separators=(",", ":")))
+    redis.expire(key, ttl)
+
+
+def load_outcomes(redis: RedisLike, export_id: str) -> dict[str, dict[str, Any]]:
+    raw = redis.hgetall(outcomes_key(export_id))
+    return {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}

@@ -1,0 +1,164 @@
+"""The Python client for build farms: submit an export, follow it, wait for its result.
+
+from worker.client import Client
+client = Client("redis://redis:6379/0")
+export_id = client.submit({"source": {...}, "target": {...}})
+for snapshot in client.progress(export_id):
+    print(snapshot.state, snapshot.bytes_done, "/", snapshot.bytes_total)
+result = client.wait(export_id)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+from celery.result import AsyncResult
+
+from tasks.request import ExportRequest, parse_request
+from worker.app import configure
+from worker.settings import Settings
+
+EXPORT_TASK = "cacheship.export"
+READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+
+
+class ExportError(RuntimeError):
+    """The export failed; the message is the worker's (it names the layer or field)."""
+
+
+@dataclass
+class StepStatus:
+    """One step (layer, config, manifest) as its task metadata shows it."""
+
+    name: str
+    task_id: str
+    kind: str
+    digest: str
+    size: int
+    state: str = "PENDING"
+    status: str = "waiting"
+    bytes_done: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Snapshot:
+    """Where an export stands right now."""
+
+    export_id: str
+    state: str
+    phase: str = ""
+    steps: list[StepStatus] = field(default_factory=list)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(s.size for s in self.steps if s.kind == "layer")
+
+    @property
+    def bytes_done(self) -> int:
+        return sum(s.bytes_done for s in self.steps if s.kind == "layer")
+
+    @property
+    def ready(self) -> bool:
+        return self.state in READY
+
+
+def _error_text(value: Any) -> str:
+    text = str(value)
+    # The chord reports a failed layer as "Dependency <id> raised ExportFailed('...')".
+    if "raised ExportFailed(" in text:
+        text = text.split("raised ExportFailed(", 1)[1].rstrip(")").strip("'\"")
+    return text
+
+
+class Client:
+    """Talks to the workers through Redis only: the broker and the result backend."""
+
+    def __init__(self, redis_url: str, queue: str = "cacheship") -> None:
+        self.app = Celery("cacheship-client")
+        configure(self.app, Settings(redis_url=redis_url, queue=queue))
+
+    def submit(self, request: ExportRequest | dict[str, Any] | str) -> str:
+        """Validate here (fail fast, before anything is enqueued), then enqueue; returns the id."""
+        if not isinstance(request, ExportRequest):
+            request = parse_request(request)
+        body = request.model_dump(mode="json", by_alias=True)
+        return str(self.app.send_task(EXPORT_TASK, args=[body]).id)
+
+    def _result(self, task_id: str) -> AsyncResult:
+        return AsyncResult(task_id, app=self.app)
+
+    def snapshot(self, export_id: str, with_steps: bool = True) -> Snapshot:
+        """Read the export's metadata and, when asked, every step's."""
+        res = self._result(export_id)
+        state, info = res.state, res.info
+        snap = Snapshot(export_id=export_id, state=state)
+        meta: dict[str, Any] = info if isinstance(info, dict) else {}
+        if state == "FAILURE":
+            snap.error = _error_text(info)
+        if state == "SUCCESS":
+            snap.result = meta
+        snap.phase = str(meta.get("phase", meta.get("status", "")))
+        if with_steps:
+            snap.steps = [self._step(s, state, meta) for s in meta.get("steps", [])]
+        return snap
+
+    def _step(
+        self, step: dict[str, Any], export_state: str, export_meta: dict[str, Any]
+    ) -> StepStatus:
+        item = StepStatus(
+            name=step["name"],
+            task_id=step["task_id"],
+            kind=step["kind"],
+            digest=step["digest"],
+            size=int(step["size"]),
+        )
+        if item.kind != "layer":
+            done = export_state == "SUCCESS"
+            current = export_meta.get("current") == item.name
+            item.state = "SUCCESS" if done else ("PROGRESS" if current else "PENDING")
+            item.status = "done" if done else ("writing" if current else "waiting")
+            item.bytes_done = item.size if done else 0
+            return item
+        res = self._result(item.task_id)
+        item.state = res.state
+        info = res.info
+        if item.state == "SUCCESS":
+            item.bytes_done, item.status = item.size, "done"
+        elif isinstance(info, dict):
+            item.bytes_done = int(info.get("bytes_done", 0))
+            item.status = str(info.get("status", item.status))
+        elif item.state in ("FAILURE", "RETRY"):
+            item.error = _error_text(info)
+            item.status = "failed" if item.state == "FAILURE" else "retrying"
+        return item
+
+    def progress(self, export_id: str, interval: float = 0.5) -> Iterator[Snapshot]:
+        """Snapshots until the export is done (the last one is final)."""
+        while True:
+            snap = self.snapshot(export_id)
+            yield snap
+            if snap.ready:
+                return
+            time.sleep(interval)
+
+    def wait(
+        self, export_id: str, timeout: float | None = None, interval: float = 0.5
+    ) -> dict[str, Any]:
+        """The final result, or ExportError with the worker's message."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            snap = self.snapshot(export_id, with_steps=False)
+            if snap.state == "SUCCESS":
+                return snap.result or {}
+            if snap.state in READY:
+                raise ExportError(snap.error or snap.state)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"export {export_id} not finished after {timeout}s")
+            time.sleep(interval)
