@@ -1,0 +1,229 @@
+"""Go's ``time.Time`` as the cache format needs it: nanoseconds and the original UTC offset.
+
+A cache config's digest depends on how its ``createdAt`` values are written, and BuildKit
+writes them with Go's ``time.RFC3339Nano`` layout: nine fractional digits at most, trailing
+zeros dropped, ``Z`` for a zero offset and ``+hh:mm``/``-hh:mm`` otherwise. A Python
+``datetime`` keeps only microseconds and cannot hold year 0, so it would silently change
+digests; :class:`GoTime` keeps exactly what Go keeps.
+
+Comparison and hashing use the instant only (Go's ``Time.Equal``/``Compare``): BuildKit
+de-duplicates results and picks the newest one by instant, whatever offset they were
+written with.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+_NANOS_PER_SECOND: Final = 1_000_000_000
+_SECONDS_PER_DAY: Final = 86_400
+_MAX_OFFSET: Final = 24 * 3600
+
+# Go's strict RFC 3339 parser (time.Time.UnmarshalJSON): four-digit year, two-digit fields,
+# upper-case T and Z, any number of fractional digits (only nine are kept), offset ±hh:mm.
+_RFC3339: Final = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(?:\.([0-9]+))?(Z|[+-][0-9]{2}:[0-9]{2})"
+)
+_DAYS_IN_MONTH: Final = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def _is_leap(year: int) -> bool:
+    return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+
+
+def _days_in(month: int, year: int) -> int:
+    if month == 2 and _is_leap(year):
+        return 29
+    return _DAYS_IN_MONTH[month]
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 in the proleptic Gregorian calendar (any year, even 0)."""
+    year -= month <= 2
+    era = year // 400
+    yoe = year - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146_097 + doe - 719_468
+
+
+def _civil_from_days(days: int) -> tuple[int, int, int]:
+    days += 719_468
+    era = days // 146_097
+    doe = days - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (month <= 2), month, day
+
+
+_ZERO_UNIX: Final = _days_from_civil(1, 1, 1) * _SECONDS_PER_DAY
+
+
+class GoTime:
+    """An instant with nanosecond precision plus the UTC offset it was written with.
+
+    Build one with :meth:`parse` (from RFC 3339 text) or from Unix seconds, nanoseconds and
+    an offset in seconds. ``str(t)`` is Go's RFC3339Nano rendering; the zero value
+    (``GoTime()``) is Go's zero time ``0001-01-01T00:00:00Z``.
+    """
+
+    __slots__ = ("_nsec", "_offset", "_sec", "_text")
+
+    _sec: int
+    _nsec: int
+    _offset: int
+    _text: str | None
+
+    def __init__(
+        self, unix_seconds: int = _ZERO_UNIX, nanosecond: int = 0, offset_seconds: int = 0
+    ) -> None:
+        if not 0 <= nanosecond < _NANOS_PER_SECOND:
+            raise ValueError(f"nanosecond out of range: {nanosecond}")
+        if offset_seconds % 60 or not -_MAX_OFFSET < offset_seconds < _MAX_OFFSET:
+            raise ValueError(f"UTC offset must be whole minutes under 24h: {offset_seconds}")
+        self._sec = unix_seconds
+        self._nsec = nanosecond
+        self._offset = offset_seconds
+        self._text = None
+
+    @classmethod
+    def parse(cls, text: str) -> GoTime:
+        """Parse RFC 3339 text the way Go's ``time.Time.UnmarshalJSON`` does.
+
+        Raises ValueError with the reason when Go would refuse the text.
+        """
+        match = _RFC3339.fullmatch(text)
+        if match is None:
+            raise ValueError(f"not an RFC 3339 time: {text!r}")
+        year_s, month_s, day_s, hour_s, minute_s, second_s, frac, zone = match.groups()
+        year, month, day = int(year_s), int(month_s), int(day_s)
+        hour, minute, second = int(hour_s), int(minute_s), int(second_s)
+        if not 1 <= month <= 12:
+            raise ValueError(f"month out of range in {text!r}")
+        if not 1 <= day <= _days_in(month, year):
+            raise ValueError(f"day out of range in {text!r}")
+        if hour > 23 or minute > 59 or second > 59:
+            raise ValueError(f"time of day out of range in {text!r}")
+        if frac is None:
+            nsec = 0
+            frac_text = ""
+        else:
+            digits = frac[:9]
+            nsec = int(digits.ljust(9, "0"))
+            digits = digits.rstrip("0")
+            frac_text = "." + digits if digits else ""
+        if zone == "Z":
+            offset = 0
+        else:
+            zone_hours, zone_minutes = int(zone[1:3]), int(zone[4:6])
+            if zone_hours > 23 or zone_minutes > 59:
+                raise ValueError(f"UTC offset out of range in {text!r}")
+            offset = (zone_hours * 60 + zone_minutes) * 60
+            if zone[0] == "-":
+                offset = -offset
+        local = _days_from_civil(year, month, day) * _SECONDS_PER_DAY + (
+            hour * 3600 + minute * 60 + second
+        )
+        self = cls.__new__(cls)
+        self._sec = local - offset
+        self._nsec = nsec
+        self._offset = offset
+        # Go writes the wall clock back exactly as it was read, with a normalised fraction
+        # and "Z" for any zero offset ("+00:00" included).
+        self._text = text[:19] + frac_text + ("Z" if offset == 0 else zone)
+        return self
+
+    @property
+    def unix_seconds(self) -> int:
+        """Whole seconds since 1970-01-01T00:00:00Z (negative before)."""
+        return self._sec
+
+    @property
+    def nanosecond(self) -> int:
+        """Nanoseconds within the second, 0 to 999,999,999."""
+        return self._nsec
+
+    @property
+    def offset_seconds(self) -> int:
+        """The UTC offset the time is written with (0 is written ``Z``)."""
+        return self._offset
+
+    @property
+    def is_zero(self) -> bool:
+        """Go's ``IsZero``: the instant 0001-01-01T00:00:00Z, whatever the offset."""
+        return self._sec == _ZERO_UNIX and self._nsec == 0
+
+    def utc(self) -> GoTime:
+        """The same instant written with offset zero (Go's ``t.UTC()``)."""
+        if self._offset == 0:
+            return self
+        return GoTime(self._sec, self._nsec, 0)
+
+    def format(self) -> str:
+        """Go's ``time.RFC3339Nano`` rendering; ValueError outside years 0 to 9999.
+
+        Go's ``MarshalJSON`` refuses those years too, so such a time can never reach a
+        config.
+        """
+        text = self._text
+        if text is None:
+            text = self._text = self._render()
+        return text
+
+    def _render(self) -> str:
+        local = self._sec + self._offset
+        days, seconds = divmod(local, _SECONDS_PER_DAY)
+        year, month, day = _civil_from_days(days)
+        if not 0 <= year <= 9999:
+            raise ValueError(f"year outside of range [0,9999]: {year}")
+        hour, rest = divmod(seconds, 3600)
+        minute, second = divmod(rest, 60)
+        text = f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}"
+        if self._nsec:
+            text += "." + f"{self._nsec:09d}".rstrip("0")
+        if self._offset == 0:
+            return text + "Z"
+        sign = "-" if self._offset < 0 else "+"
+        zone_hours, zone_minutes = divmod(abs(self._offset) // 60, 60)
+        return f"{text}{sign}{zone_hours:02d}:{zone_minutes:02d}"
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def __repr__(self) -> str:
+        try:
+            return f"GoTime({self.format()!r})"
+        except ValueError:
+            return f"GoTime({self._sec}, {self._nsec}, {self._offset})"
+
+    def _key(self) -> tuple[int, int]:
+        return (self._sec, self._nsec)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GoTime):
+            return NotImplemented
+        return self._sec == other._sec and self._nsec == other._nsec
+
+    def __hash__(self) -> int:
+        return hash((self._sec, self._nsec))
+
+    def __lt__(self, other: GoTime) -> bool:
+        return (self._sec, self._nsec) < (other._sec, other._nsec)
+
+    def __le__(self, other: GoTime) -> bool:
+        return (self._sec, self._nsec) <= (other._sec, other._nsec)
+
+    def __gt__(self, other: GoTime) -> bool:
+        return (self._sec, self._nsec) > (other._sec, other._nsec)
+
+    def __ge__(self, other: GoTime) -> bool:
+        return (self._sec, self._nsec) >= (other._sec, other._nsec)
+
+
+#: Go's zero time, written ``0001-01-01T00:00:00Z``.
+ZERO_TIME: Final = GoTime()

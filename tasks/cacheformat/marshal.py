@@ -1,0 +1,259 @@
+"""Writing a cache graph as BuildKit's normalised config (``CacheChains.Marshal``).
+
+The config's digest is the cache's identity, so the walk, the layer sharing and the sort
+follow BuildKit step by step:
+
+1. From every leaf, depth first through the input links, a node is written after the nodes
+   it links to; a link back to a node still being written (a cycle) is skipped.
+2. A node keeps one result, its newest; the result's layers are written root first and a
+   layer entry is shared when the same blob sits on the same parent chain.
+3. Layers are sorted by blob, then by parent index as it was before sorting; records by
+   digest, then input shape, selectors and linked digests; indexes are renumbered.
+
+BuildKit iterates Go maps (random order) where the order can matter only for ties; here
+leaves and links are visited in a canonical order (by digest and selector), so equal graphs
+give equal bytes whatever order they were built in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tasks.cacheformat.config import (
+    CacheConfig,
+    CacheInput,
+    CacheLayer,
+    CacheRecord,
+    CacheResult,
+    LayerAnnotations,
+    decode_config,
+    descriptors_from_annotations,
+    encode_config,
+)
+from tasks.cacheformat.descriptor import (
+    ANNOTATION_CREATED_AT,
+    ANNOTATION_UNCOMPRESSED,
+    MEDIA_TYPE_CACHE_CONFIG,
+    Descriptor,
+)
+from tasks.cacheformat.digests import check_digest, sha256_digest
+from tasks.cacheformat.errors import EmptyCacheError, FormatError
+from tasks.cacheformat.gotime import ZERO_TIME, GoTime
+from tasks.cacheformat.graph import CacheGraph, CacheNode, parse_graph
+from tasks.cacheformat.mediatypes import layer_media_type
+
+
+@dataclass
+class Marshalled:
+    """A normalised config and the descriptors of the layers it references.
+
+    ``layers`` holds one descriptor per distinct blob, in config layer order, with OCI
+    media types and the annotations the graph carried.
+    """
+
+    config: CacheConfig
+    layers: list[Descriptor]
+
+    def descriptors(self) -> dict[str, Descriptor]:
+        """Layer descriptors by blob digest."""
+        return {descriptor.digest: descriptor for descriptor in self.layers}
+
+
+def _node_key(node: CacheNode) -> tuple[object, ...]:
+    """The record sort key computed from the graph, to visit leaves in a canonical order."""
+    key: list[object] = [node.digest, len(node._parents)]
+    for links in node._parents:
+        key.append(len(links))
+        for selector, digest in sorted((selector, parent.digest) for parent, selector in links):
+            key.append(selector)
+            key.append(digest)
+    return tuple(key)
+
+
+def _links(node: CacheNode) -> list[tuple[int, str, CacheNode]]:
+    out = []
+    for slot, links in enumerate(node._parents):
+        ordered = sorted(links, key=lambda link: (link[1], link[0].digest))
+        out.extend((slot, selector, parent) for parent, selector in ordered)
+    return out
+
+
+class _Writer:
+    """Records and layers in the order BuildKit appends them, before the sort."""
+
+    def __init__(self) -> None:
+        self.record_of: dict[CacheNode, int] = {}
+        self.digests: list[str] = []
+        self.slots: list[list[list[tuple[str, int]]]] = []
+        self.results: list[tuple[int, GoTime] | None] = []
+        self.layers: list[tuple[str, int]] = []  # (blob, parent index before sorting)
+        self.layer_of: dict[tuple[str, int], int] = {}
+        self.descriptors: dict[str, Descriptor] = {}
+        self._converted: dict[int, Descriptor] = {}
+
+    def write(self, start: CacheNode) -> None:
+        """Write ``start`` after everything it links to (iteratively: graphs can be deep)."""
+        if start in self.record_of:
+            return
+        record_of = self.record_of
+        record_of[start] = -1
+        # frame: node, its links, slots written so far, the link waiting for its target
+        stack: list[tuple[CacheNode, list[tuple[int, str, CacheNode]], list[list[tuple[str, int]]], list[int]]] = [
+            (start, _links(start), [[] for _ in start._parents], [0])
+        ]
+        while stack:
+            node, links, slots, position = stack[-1]
+            pushed = False
+            while position[0] < len(links):
+                slot, selector, target = links[position[0]]
+                index = record_of.get(target)
+                if index is None:
+                    record_of[target] = -1
+                    stack.append((target, _links(target), [[] for _ in target._parents], [0]))
+                    pushed = True
+                    break
+                position[0] += 1
+                if index != -1:  # -1: still being written, a cycle; BuildKit skips it
+                    slots[slot].append((selector, index))
+            if pushed:
+                continue
+            stack.pop()
+            best = node.best_result()
+            result = None
+            if best is not None:
+                layer = self._chain(best.chain)
+                if layer is not None:
+                    result = (layer, best.created_at)
+            record_of[node] = len(self.digests)
+            self.digests.append(node.digest)
+            self.slots.append(slots)
+            self.results.append(result)
+
+    def _chain(self, chain: tuple[Descriptor, ...]) -> int | None:
+        """Add a result's layers (root first); return the index of its top layer."""
+        parent = -1
+        for descriptor in chain:
+            converted = self._converted.get(id(descriptor))
+            if converted is None:
+                converted = descriptor.with_media_type(
+                    layer_media_type(descriptor.media_type, oci=True)
+                )
+                self._converted[id(descriptor)] = converted
+            self.descriptors[descriptor.digest] = converted
+            key = (descriptor.digest, parent)
+            index = self.layer_of.get(key)
+            if index is None:
+                index = self.layer_of[key] = len(self.layers)
+                self.layers.append(key)
+            parent = index
+        return None if parent == -1 else parent
+
+    def config(self) -> CacheConfig:
+        """Sort and renumber as BuildKit's ``sortConfig`` does."""
+        layer_order = sorted(range(len(self.layers)), key=self.layers.__getitem__)
+        new_layer = [0] * len(layer_order)
+        for position, old in enumerate(layer_order):
+            new_layer[old] = position
+        layers = []
+        for old in layer_order:
+            blob, parent = self.layers[old]
+            layers.append(CacheLayer(blob, -1 if parent == -1 else new_layer[parent]))
+
+        digests = self.digests
+        keys = []
+        for slots in self.slots:
+            key: list[object] = [None, len(slots)]
+            for links in slots:
+                # BuildKit's order inside a slot comes from a Go map; make it canonical.
+                links.sort(key=lambda link: (link[0], digests[link[1]]))
+                key.append(len(links))
+                for selector, index in links:
+                    key.append(selector)
+                    key.append(digests[index])
+            keys.append(key)
+        for key, digest in zip(keys, digests, strict=True):
+            key[0] = digest
+        record_order = sorted(range(len(digests)), key=lambda r: keys[r])
+        new_record = [0] * len(record_order)
+        for position, old in enumerate(record_order):
+            new_record[old] = position
+
+        records = []
+        for old in record_order:
+            inputs = tuple(
+                tuple(
+                    CacheInput(selector, link)
+                    for link, selector in sorted(
+                        (new_record[index], selector) for selector, index in links
+                    )
+                )
+                for links in self.slots[old]
+            )
+            result = self.results[old]
+            results = () if result is None else (CacheResult(new_layer[result[0]], result[1]),)
+            records.append(CacheRecord(digests[old], inputs, results))
+        return CacheConfig(tuple(layers), tuple(records))
+
+
+def marshal(graph: CacheGraph) -> Marshalled:
+    """The normalised config of ``graph`` and its layer descriptors.
+
+    Raises EmptyCacheError when no layer is referenced (BuildKit skips such an export).
+    """
+    writer = _Writer()
+    for leaf in sorted(graph.leaves(), key=_node_key):
+        writer.write(leaf)
+    if not writer.layers:
+        raise EmptyCacheError()
+    config = writer.config()
+    layers: list[Descriptor] = []
+    seen: set[str] = set()
+    for layer in config.layers:
+        if layer.blob not in seen:
+            seen.add(layer.blob)
+            layers.append(writer.descriptors[layer.blob])
+    return Marshalled(config, layers)
+
+
+def normalize(data: bytes | str) -> bytes:
+    """Read a config as BuildKit's S3 importer would, and write it as BuildKit's exporter.
+
+    Layer descriptors come from the layers' S3 annotations; the result has no annotations
+    (it is the config blob of the content-store layout).
+    """
+    cfg = decode_config(data)
+    return encode_config(marshal(parse_graph(cfg, descriptors_from_annotations(cfg))).config)
+
+
+def s3_config_bytes(m: Marshalled) -> bytes:
+    """The config as BuildKit's S3 exporter writes it to ``manifests/<name>``.
+
+    Each layer gets the annotations its importer needs: media type, diffID (required),
+    size, and creation time in UTC (zero when unknown).
+    """
+    by_blob = m.descriptors()
+    layers = []
+    for index, layer in enumerate(m.config.layers):
+        where = f"layers[{index}]"
+        descriptor = by_blob.get(layer.blob)
+        if descriptor is None:
+            raise FormatError(f"missing blob {layer.blob}", where)
+        diff_id = descriptor.annotations.get(ANNOTATION_UNCOMPRESSED)
+        if diff_id is None:
+            raise FormatError("invalid descriptor without uncompressed annotation", where)
+        check_digest(diff_id, f"{where}: {ANNOTATION_UNCOMPRESSED}")
+        created_at = ZERO_TIME
+        text = descriptor.annotations.get(ANNOTATION_CREATED_AT)
+        if text is not None:
+            try:
+                created_at = GoTime.parse(text).utc()
+            except ValueError as error:
+                raise FormatError(str(error), f"{where}: {ANNOTATION_CREATED_AT}") from None
+        annotations = LayerAnnotations(descriptor.media_type, diff_id, descriptor.size, created_at)
+        layers.append(layer._replace(annotations=annotations))
+    return encode_config(m.config._replace(layers=tuple(layers)))
+
+
+def config_descriptor(config_bytes: bytes) -> Descriptor:
+    """The descriptor of a config blob (media type ``application/vnd.buildkit.cacheconfig.v0``)."""
+    return Descriptor(MEDIA_TYPE_CACHE_CONFIG, sha256_digest(config_bytes), len(config_bytes))
