@@ -27,6 +27,7 @@ from tasks.s3client import error_code, is_not_found
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+    from mypy_boto3_s3.type_defs import CopySourceTypeDef
 
 MiB = 1024 * 1024
 MAX_PARTS = 10_000
@@ -75,7 +76,7 @@ def stat(
 def touch(client: S3Client, bucket: str, key: str, size: int) -> None:
     """Copy the object onto itself with fresh metadata so lifecycle rules keep it."""
     metadata = {"updated-at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    source = {"Bucket": bucket, "Key": key}
+    source: CopySourceTypeDef = {"Bucket": bucket, "Key": key}
     if size < MAX_SINGLE_COPY:
         client.copy_object(
             Bucket=bucket,

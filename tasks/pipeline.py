@@ -80,9 +80,9 @@ def _open_blob(source: LocalSpec | S3Spec, digest: str, settings: Settings) -> I
         stream.close()
 
 
-def _redis(task: Task) -> Any:
+def _redis(task: Task[Any, Any]) -> Any:
     """The result backend's Redis client (bookkeeping lives beside the results)."""
-    return task.backend.client
+    return task.backend.client  # type: ignore[attr-defined]
 
 
 def _steps(
@@ -120,7 +120,7 @@ def _steps(
 
 
 @shared_task(bind=True, name="cacheship.export")
-def export(self: Task, request: dict[str, Any]) -> dict[str, Any]:
+def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     """Validate, read and plan; then hand over to the copy chord under this task's id."""
     settings = get_settings()
     export_id = str(self.request.id)
@@ -169,7 +169,7 @@ def export(self: Task, request: dict[str, Any]) -> dict[str, Any]:
 
 @shared_task(bind=True, name="cacheship.copy_layer", max_retries=None)
 def copy_layer(
-    self: Task,
+    self: Task[Any, Any],
     export_id: str,
     source: dict[str, Any],
     target: dict[str, Any],
@@ -251,7 +251,7 @@ def _give_up(client: Any, target: S3Spec, digest: str) -> None:
 
 
 @shared_task(bind=True, name="cacheship.finalize", max_retries=None)
-def finalize(self: Task, results: list[dict[str, Any]], export_id: str) -> dict[str, Any]:
+def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str) -> dict[str, Any]:
     """Check every layer, then write config blob, manifest blob and the names, in that order."""
     settings = get_settings()
     redis = _redis(self)

@@ -19,6 +19,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from tasks.request import ExportRequest, parse_request
+from tasks.state import load_outcomes
 from worker.app import configure
 from worker.settings import Settings
 
@@ -91,7 +92,7 @@ class Client:
         body = request.model_dump(mode="json", by_alias=True)
         return str(self.app.send_task(EXPORT_TASK, args=[body]).id)
 
-    def _result(self, task_id: str) -> AsyncResult:
+    def _result(self, task_id: str) -> AsyncResult[Any]:
         return AsyncResult(task_id, app=self.app)
 
     def snapshot(self, export_id: str, with_steps: bool = True) -> Snapshot:
@@ -106,11 +107,37 @@ class Client:
             snap.result = meta
         snap.phase = str(meta.get("phase", meta.get("status", "")))
         if with_steps:
-            snap.steps = [self._step(s, state, meta) for s in meta.get("steps", [])]
+            steps = meta.get("steps", [])
+            names = [s["name"] for s in steps]
+            current = meta.get("current")
+            # finalize writes config, manifest, then the names: earlier ones are done
+            position = (
+                names.index(current)
+                if current in names
+                else (len(names) if current == "writing names" else -1)
+            )
+            outcomes = self._outcomes(export_id) if steps else {}
+            snap.steps = [
+                self._step(s, state, meta, outcomes, 0 <= i < position)
+                for i, s in enumerate(steps)
+            ]
         return snap
 
+    def _outcomes(self, export_id: str) -> dict[str, dict[str, Any]]:
+        """What happened to each finished layer (uploaded, skipped, touched)."""
+        try:
+            backend: Any = self.app.backend
+            return load_outcomes(backend.client, export_id)
+        except Exception:
+            return {}
+
     def _step(
-        self, step: dict[str, Any], export_state: str, export_meta: dict[str, Any]
+        self,
+        step: dict[str, Any],
+        export_state: str,
+        export_meta: dict[str, Any],
+        outcomes: dict[str, dict[str, Any]] | None = None,
+        passed: bool = False,
     ) -> StepStatus:
         item = StepStatus(
             name=step["name"],
@@ -120,7 +147,7 @@ class Client:
             size=int(step["size"]),
         )
         if item.kind != "layer":
-            done = export_state == "SUCCESS"
+            done = export_state == "SUCCESS" or passed
             current = export_meta.get("current") == item.name
             item.state = "SUCCESS" if done else ("PROGRESS" if current else "PENDING")
             item.status = "done" if done else ("writing" if current else "waiting")
@@ -130,7 +157,8 @@ class Client:
         item.state = res.state
         info = res.info
         if item.state == "SUCCESS":
-            item.bytes_done, item.status = item.size, "done"
+            outcome = (outcomes or {}).get(item.digest, {})
+            item.bytes_done, item.status = item.size, str(outcome.get("action", "done"))
         elif isinstance(info, dict):
             item.bytes_done = int(info.get("bytes_done", 0))
             item.status = str(info.get("status", item.status))

@@ -60,13 +60,13 @@ class Settings(BaseSettings):
         ge=5 * 1024 * 1024,
         description="Smallest multipart part; grows so no blob needs over 10,000 parts.",
     )
-    task_time_limit: int = Field(default=6 * 3600, ge=60, description="Hard limit per task (s).")
+    task_time_limit: int = Field(default=6 * 3600, ge=10, description="Hard limit per task (s).")
     task_soft_time_limit: int = Field(
-        default=6 * 3600 - 300, ge=30, description="Soft limit per task (s)."
+        default=6 * 3600 - 300, ge=5, description="Soft limit per task (s)."
     )
     visibility_timeout: int = Field(
         default=7 * 3600,
-        ge=60,
+        ge=5,
         description="Redis redelivery timeout (s); above the longest task.",
     )
     result_expires: int = Field(default=7 * 24 * 3600, description="Results kept in Redis (s).")

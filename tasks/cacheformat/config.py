@@ -29,7 +29,7 @@ from tasks.cacheformat.descriptor import (
     ANNOTATION_UNCOMPRESSED,
     Descriptor,
 )
-from tasks.cacheformat.digests import check_digest, check_record_digest
+from tasks.cacheformat.digests import check_digest, check_record_digest, is_sha256
 from tasks.cacheformat.errors import FormatError
 from tasks.cacheformat.gotime import ZERO_TIME, GoTime
 
@@ -100,6 +100,8 @@ _INPUT_FIELDS: Final = gojson.Fields("selector", "link")
 
 
 def _fields(value: object, fields: gojson.Fields, where: str) -> dict[str, object]:
+    if type(value) is dict and value.keys() <= fields.exact:
+        return value  # the common case: keys exactly as BuildKit writes them
     return gojson.fold_keys(gojson.expect_object(value, where), fields)
 
 
@@ -112,6 +114,16 @@ def _time(value: object, where: str) -> GoTime:
     if value is None:
         return ZERO_TIME
     raise FormatError(f"expected an RFC 3339 time string, got {gojson.kind(value)}", where)
+
+
+def _int(value: object, where: str) -> int:
+    if type(value) is int and _INT_MIN <= value <= _INT_MAX:
+        return value
+    return gojson.expect_int(value, where)
+
+
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**63 - 1
 
 
 def decode_config(data: bytes | str) -> CacheConfig:
@@ -127,7 +139,7 @@ def config_from_json(value: object) -> CacheConfig:
     """Build a :class:`CacheConfig` from already-parsed JSON (see :func:`decode_config`)."""
     obj = _fields(value, _CONFIG_FIELDS, "config")
     layers = tuple(
-        _layer(item, f"layers[{index}]")
+        _layer(item, index)
         for index, item in enumerate(gojson.expect_list(obj.get("layers"), "layers"))
     )
     records = tuple(
@@ -137,15 +149,15 @@ def config_from_json(value: object) -> CacheConfig:
     return CacheConfig(layers, records)
 
 
-def _layer(value: object, where: str) -> CacheLayer:
+def _layer(value: object, index: int) -> CacheLayer:
+    where = f"layers[{index}]"
     obj = _fields(value, _LAYER_FIELDS, where)
     blob = obj.get("blob")
-    if blob is None or blob == "":
-        raise FormatError("layer has no blob digest", f"{where}.blob")
-    blob = check_digest(blob, f"{where}.blob")
-    parent = obj.get("parent")
-    if type(parent) is not int:
-        parent = gojson.expect_int(parent, f"{where}.parent")
+    if type(blob) is not str or not is_sha256(blob):
+        if blob is None or blob == "":
+            raise FormatError("layer has no blob digest", f"{where}.blob")
+        blob = check_digest(blob, f"{where}.blob")
+    parent = _int(obj.get("parent"), f"{where}.parent")
     annotations = obj.get("annotations")
     return CacheLayer(
         blob,
@@ -162,7 +174,7 @@ def _annotations(value: object, where: str) -> LayerAnnotations:
         diff_id = check_digest(diff_id, f"{where}.diffID")
     else:
         diff_id = ""
-    size = gojson.expect_int(obj.get("size"), f"{where}.size")
+    size = _int(obj.get("size"), f"{where}.size")
     if size < 0:
         raise FormatError(f"size must not be negative, got {size}", f"{where}.size")
     created_at = _time(obj.get("createdAt"), f"{where}.createdAt")
@@ -173,19 +185,20 @@ def _record(value: object, index: int) -> CacheRecord:
     where = f"records[{index}]"
     obj = _fields(value, _RECORD_FIELDS, where)
     digest = obj.get("digest")
-    digest = check_record_digest("" if digest is None else digest, f"{where}.digest")
+    if type(digest) is not str or not is_sha256(digest):
+        digest = check_record_digest("" if digest is None else digest, f"{where}.digest")
     inputs = obj.get("inputs")
     slots: tuple[tuple[CacheInput, ...], ...] = ()
     if inputs is not None:
         slots = tuple(
-            _slot(slot, f"{where}.inputs[{i}]")
+            _slot(slot, where, i)
             for i, slot in enumerate(gojson.expect_list(inputs, f"{where}.inputs"))
         )
     results: tuple[CacheResult, ...] = ()
     layers = obj.get("layers")
     if layers is not None:
         results = tuple(
-            _result(item, f"{where}.layers[{i}]")
+            _result(item, where, i)
             for i, item in enumerate(gojson.expect_list(layers, f"{where}.layers"))
         )
     chains: tuple[ChainedResult, ...] = ()
@@ -198,27 +211,39 @@ def _record(value: object, index: int) -> CacheRecord:
     return CacheRecord(digest, slots, results, chains)
 
 
-def _slot(value: object, where: str) -> tuple[CacheInput, ...]:
-    items = gojson.expect_list(value, where)
+def _slot(value: object, record: str, i: int) -> tuple[CacheInput, ...]:
+    if type(value) is not list:
+        value = gojson.expect_list(value, f"{record}.inputs[{i}]")
     out = []
-    for j, item in enumerate(items):
-        if type(item) is dict and item.keys() <= _INPUT_FIELDS.exact:
+    exact = _INPUT_FIELDS.exact
+    for j, item in enumerate(value):
+        if type(item) is dict and item.keys() <= exact:
             selector = item.get("selector", "")
             link = item.get("link", 0)
-            if type(selector) is str and type(link) is int and -(2**63) <= link < 2**63:
+            if type(selector) is str and type(link) is int and _INT_MIN <= link <= _INT_MAX:
                 out.append(CacheInput(selector, link))
                 continue
-        obj = _fields(item, _INPUT_FIELDS, f"{where}[{j}]")
+        where = f"{record}.inputs[{i}][{j}]"
+        obj = _fields(item, _INPUT_FIELDS, where)
         out.append(
             CacheInput(
-                gojson.expect_str(obj.get("selector"), f"{where}[{j}].selector"),
-                gojson.expect_int(obj.get("link"), f"{where}[{j}].link"),
+                gojson.expect_str(obj.get("selector"), f"{where}.selector"),
+                gojson.expect_int(obj.get("link"), f"{where}.link"),
             )
         )
     return tuple(out)
 
 
-def _result(value: object, where: str) -> CacheResult:
+def _result(value: object, record: str, i: int) -> CacheResult:
+    if type(value) is dict and value.keys() <= _RESULT_FIELDS.exact:
+        layer = value.get("layer", 0)
+        created_at = value.get("createdAt")
+        if type(layer) is int and _INT_MIN <= layer <= _INT_MAX and type(created_at) is str:
+            try:
+                return CacheResult(layer, GoTime.parse(created_at))
+            except ValueError:
+                pass  # reported with its location below
+    where = f"{record}.layers[{i}]"
     obj = _fields(value, _RESULT_FIELDS, where)
     return CacheResult(
         gojson.expect_int(obj.get("layer"), f"{where}.layer"),
@@ -270,7 +295,10 @@ def encode_config(cfg: CacheConfig) -> bytes:
                 fields.append(
                     '"layers":['
                     + ",".join(
-                        '{"layer":' + str(r.layer) + ',"createdAt":"' + _time_text(r.created_at)
+                        '{"layer":'
+                        + str(r.layer)
+                        + ',"createdAt":"'
+                        + _time_text(r.created_at)
                         + '"}'
                         for r in record.results
                     )
@@ -282,7 +310,9 @@ def encode_config(cfg: CacheConfig) -> bytes:
                     + ",".join(
                         '{"layers":'
                         + ("[" + ",".join(map(str, c.layers)) + "]" if c.layers else "null")
-                        + ',"createdAt":"' + _time_text(c.created_at) + '"}'
+                        + ',"createdAt":"'
+                        + _time_text(c.created_at)
+                        + '"}'
                         for c in record.chains
                     )
                     + "]"

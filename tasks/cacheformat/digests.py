@@ -38,8 +38,7 @@ def digest_problem(value: object) -> str:
     match = _ALGORITHM.match(value)
     if match is not None and match.group(1) != "sha256":
         return (
-            f"digest algorithm {match.group(1)!r} is not supported "
-            f"(only sha256 is): {show(value)}"
+            f"digest algorithm {match.group(1)!r} is not supported (only sha256 is): {show(value)}"
         )
     return f"digest must be sha256:<64 lower-case hex>, got {show(value)}"
 

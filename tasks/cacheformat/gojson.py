@@ -113,8 +113,7 @@ def loads(data: bytes | bytearray | memoryview | str) -> object:
     except json.JSONDecodeError as error:
         if error.msg == "Extra data":
             raise FormatError(
-                f"unexpected data after the JSON value (line {error.lineno} column "
-                f"{error.colno})"
+                f"unexpected data after the JSON value (line {error.lineno} column {error.colno})"
             ) from None
         raise FormatError(f"not JSON: {error}") from None
     except RecursionError:

@@ -20,11 +20,16 @@ _NANOS_PER_SECOND: Final = 1_000_000_000
 _SECONDS_PER_DAY: Final = 86_400
 _MAX_OFFSET: Final = 24 * 3600
 
-# Go's strict RFC 3339 parser (time.Time.UnmarshalJSON): four-digit year, two-digit fields,
-# upper-case T and Z, any number of fractional digits (only nine are kept), offset ±hh:mm.
+# Go's strict RFC 3339 parser (time.Time.UnmarshalJSON): four-digit year, two-digit fields
+# in range, upper-case T and Z, any number of fractional digits (nine are kept), offset
+# ±hh:mm under 24h. Only "day exists in that month" is left to check.
 _RFC3339: Final = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
-    r"(?:\.([0-9]+))?(Z|[+-][0-9]{2}:[0-9]{2})"
+    r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+    r"(?:\.([0-9]+))?(Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+)
+_SHAPE: Final = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?(?:Z|[+-][0-9]{2}:[0-9]{2})"
 )
 _DAYS_IN_MONTH: Final = (0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
 
@@ -74,7 +79,9 @@ class GoTime:
 
     __slots__ = ("_nsec", "_offset", "_sec", "_text")
 
-    _sec: int
+    # A parsed time keeps its text and computes the instant only when compared: a large
+    # config holds hundreds of thousands of times and compares few of them.
+    _sec: int | None
     _nsec: int
     _offset: int
     _text: str | None
@@ -82,6 +89,8 @@ class GoTime:
     def __init__(
         self, unix_seconds: int = _ZERO_UNIX, nanosecond: int = 0, offset_seconds: int = 0
     ) -> None:
+        if type(unix_seconds) is not int or type(nanosecond) is not int:
+            raise TypeError("GoTime takes integer seconds and nanoseconds")
         if not 0 <= nanosecond < _NANOS_PER_SECOND:
             raise ValueError(f"nanosecond out of range: {nanosecond}")
         if offset_seconds % 60 or not -_MAX_OFFSET < offset_seconds < _MAX_OFFSET:
@@ -99,70 +108,80 @@ class GoTime:
         """
         match = _RFC3339.fullmatch(text)
         if match is None:
-            raise ValueError(f"not an RFC 3339 time: {text!r}")
-        year_s, month_s, day_s, hour_s, minute_s, second_s, frac, zone = match.groups()
-        year, month, day = int(year_s), int(month_s), int(day_s)
-        hour, minute, second = int(hour_s), int(minute_s), int(second_s)
-        if not 1 <= month <= 12:
-            raise ValueError(f"month out of range in {text!r}")
-        if not 1 <= day <= _days_in(month, year):
+            raise ValueError(_refusal(text))
+        month_s, day_s, frac, zone = match.groups()
+        if day_s > "28" and int(day_s) > _days_in(int(month_s), int(text[:4])):
             raise ValueError(f"day out of range in {text!r}")
-        if hour > 23 or minute > 59 or second > 59:
-            raise ValueError(f"time of day out of range in {text!r}")
-        if frac is None:
-            nsec = 0
-            frac_text = ""
+        canonical = text
+        if frac is not None and (len(frac) > 9 or frac[-1] == "0"):
+            digits = frac[:9].rstrip("0")
+            canonical = text[:19] + ("." + digits if digits else "") + zone
+        if zone[0] != "Z" and zone[1:] == "00:00":
+            canonical = canonical[: -len(zone)] + "Z"
+        self = cls.__new__(cls)
+        self._sec = None
+        self._text = canonical
+        return self
+
+    def _resolve(self) -> int:
+        """Compute the instant of a parsed time (Go writes the wall clock back unchanged)."""
+        sec = self._sec
+        if sec is not None:
+            return sec
+        text = self._text
+        assert text is not None
+        local = _days_from_civil(int(text[:4]), int(text[5:7]), int(text[8:10])) * (
+            _SECONDS_PER_DAY
+        ) + (int(text[11:13]) * 3600 + int(text[14:16]) * 60 + int(text[17:19]))
+        if text[19] == ".":
+            end = 20
+            while text[end].isdigit():
+                end += 1
+            self._nsec = int(text[20:end].ljust(9, "0"))
+            zone = text[end:]
         else:
-            digits = frac[:9]
-            nsec = int(digits.ljust(9, "0"))
-            digits = digits.rstrip("0")
-            frac_text = "." + digits if digits else ""
-        if zone == "Z":
-            offset = 0
-        else:
-            zone_hours, zone_minutes = int(zone[1:3]), int(zone[4:6])
-            if zone_hours > 23 or zone_minutes > 59:
-                raise ValueError(f"UTC offset out of range in {text!r}")
-            offset = (zone_hours * 60 + zone_minutes) * 60
+            self._nsec = 0
+            zone = text[19:]
+        offset = 0
+        if zone != "Z":
+            offset = (int(zone[1:3]) * 60 + int(zone[4:6])) * 60
             if zone[0] == "-":
                 offset = -offset
-        local = _days_from_civil(year, month, day) * _SECONDS_PER_DAY + (
-            hour * 3600 + minute * 60 + second
-        )
-        self = cls.__new__(cls)
-        self._sec = local - offset
-        self._nsec = nsec
         self._offset = offset
-        # Go writes the wall clock back exactly as it was read, with a normalised fraction
-        # and "Z" for any zero offset ("+00:00" included).
-        self._text = text[:19] + frac_text + ("Z" if offset == 0 else zone)
-        return self
+        sec = self._sec = local - offset
+        return sec
 
     @property
     def unix_seconds(self) -> int:
         """Whole seconds since 1970-01-01T00:00:00Z (negative before)."""
-        return self._sec
+        return self._resolve()
 
     @property
     def nanosecond(self) -> int:
         """Nanoseconds within the second, 0 to 999,999,999."""
+        self._resolve()
         return self._nsec
 
     @property
     def offset_seconds(self) -> int:
         """The UTC offset the time is written with (0 is written ``Z``)."""
+        self._resolve()
         return self._offset
 
     @property
     def is_zero(self) -> bool:
         """Go's ``IsZero``: the instant 0001-01-01T00:00:00Z, whatever the offset."""
-        return self._sec == _ZERO_UNIX and self._nsec == 0
+        text = self._text
+        if self._sec is None and text is not None and not text.startswith(("0001-", "0000-")):
+            return False  # the zero instant is written in year 0 or 1 whatever the offset
+        return self._resolve() == _ZERO_UNIX and self._nsec == 0
 
     def utc(self) -> GoTime:
         """The same instant written with offset zero (Go's ``t.UTC()``)."""
+        sec = self._resolve()
         if self._offset == 0:
             return self
-        return GoTime(self._sec, self._nsec, 0)
+        return GoTime(sec, self._nsec, 0)
 
     def format(self) -> str:
         """Go's ``time.RFC3339Nano`` rendering; ValueError outside years 0 to 9999.
@@ -176,6 +195,7 @@ class GoTime:
         return text
 
     def _render(self) -> str:
+        assert self._sec is not None
         local = self._sec + self._offset
         days, seconds = divmod(local, _SECONDS_PER_DAY)
         year, month, day = _civil_from_days(days)
@@ -202,27 +222,34 @@ class GoTime:
             return f"GoTime({self._sec}, {self._nsec}, {self._offset})"
 
     def _key(self) -> tuple[int, int]:
-        return (self._sec, self._nsec)
+        return (self._resolve(), self._nsec)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, GoTime):
             return NotImplemented
-        return self._sec == other._sec and self._nsec == other._nsec
+        return self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((self._sec, self._nsec))
+        return hash(self._key())
 
     def __lt__(self, other: GoTime) -> bool:
-        return (self._sec, self._nsec) < (other._sec, other._nsec)
+        return self._key() < other._key()
 
     def __le__(self, other: GoTime) -> bool:
-        return (self._sec, self._nsec) <= (other._sec, other._nsec)
+        return self._key() <= other._key()
 
     def __gt__(self, other: GoTime) -> bool:
-        return (self._sec, self._nsec) > (other._sec, other._nsec)
+        return self._key() > other._key()
 
     def __ge__(self, other: GoTime) -> bool:
-        return (self._sec, self._nsec) >= (other._sec, other._nsec)
+        return self._key() >= other._key()
+
+
+def _refusal(text: str) -> str:
+    """Why Go would refuse ``text`` (the shape is wrong, or a field is out of range)."""
+    if _SHAPE.fullmatch(text) is None:
+        return f"not an RFC 3339 time: {text!r}"
+    return f"RFC 3339 time with a field out of range: {text!r}"
 
 
 #: Go's zero time, written ``0001-01-01T00:00:00Z``.

@@ -19,11 +19,11 @@ result is deterministic; ``marshal`` then orders what it reads canonically.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import NamedTuple
 
-from tasks.cacheformat.config import CacheConfig
+from tasks.cacheformat.config import CacheConfig, CacheRecord
 from tasks.cacheformat.descriptor import Descriptor
 from tasks.cacheformat.digests import RANDOM_PREFIX, check_record_digest
 from tasks.cacheformat.errors import FormatError, show
@@ -111,10 +111,14 @@ class CacheNode:
 
 def _add_link(parent: CacheNode, child: CacheNode, slot: int, selector: str) -> None:
     """Link ``child``'s input ``slot`` to ``parent`` (BuildKit's ``addChild``)."""
-    nodes = parent._children.setdefault((selector, slot, child.digest), {})
-    if child in nodes:
+    key = (selector, slot, child.digest)
+    nodes = parent._children.get(key)
+    if nodes is None:
+        parent._children[key] = {child: None}
+    elif child in nodes:
         return
-    nodes[child] = None
+    else:
+        nodes[child] = None
     parents = child._parents
     while slot >= len(parents):
         parents.append({})
@@ -170,9 +174,7 @@ class CacheGraph:
             layers = tuple(chain)
             for layer in layers:
                 if not isinstance(layer, Descriptor):
-                    raise FormatError(
-                        f"expected a Descriptor, got {show(layer)}", f"results[{k}]"
-                    )
+                    raise FormatError(f"expected a Descriptor, got {show(layer)}", f"results[{k}]")
             checked.append(ExportResult(created_at, layers))
         return self._add(digest, deps, checked)
 
@@ -335,8 +337,7 @@ class CacheGraph:
 
 # --- reading a config --------------------------------------------------------------------
 
-_IN_PROGRESS = object()
-_RANDOM = object()
+_UNSEEN, _VISITING, _DONE, _DONE_RANDOM = 0, 1, 2, 3
 
 
 def parse_graph(cfg: CacheConfig, descriptors: Mapping[str, Descriptor]) -> CacheGraph:
@@ -345,88 +346,102 @@ def parse_graph(cfg: CacheConfig, descriptors: Mapping[str, Descriptor]) -> Cach
     ``descriptors`` maps blob digests to layer descriptors; results whose layers (or any
     parent) have none are dropped silently. Raises FormatError for ``invalid record ID``,
     ``invalid looping record``, ``invalid empty input for record N``, ``invalid layer
-    index N`` and ``invalid looping layer``, in the order BuildKit would meet them.
-    """
-    graph = CacheGraph()
-    records = cfg.records
-    count = len(records)
-    state: list[object] = [None] * count
-    chains = _Chains(cfg, descriptors)
+    index N`` and ``invalid looping layer``, the first one BuildKit would meet.
 
+    BuildKit reads a record's linked records first, recursively, then its results, then
+    adds it. This does the same in two passes (configs can be far deeper than Python's
+    recursion limit): the first walks the links depth first and lists records in the
+    order they would be added; the second adds them. A link error found by the first pass
+    is raised only after the second pass has added every record BuildKit would have added
+    before meeting it, so that an earlier result error wins, as it would in BuildKit.
+    """
+    records = cfg.records
+    order: list[int] = []
+    try:
+        _order_records(records, order)
+    except FormatError as link_error:
+        _add_records(CacheGraph(), cfg, descriptors, order)
+        raise link_error from None
+    graph = CacheGraph()
+    _add_records(graph, cfg, descriptors, order)
+    return graph
+
+
+def _links_of(record: CacheRecord) -> Iterator[tuple[int, int, int]]:
+    """(slot, link position, linked record) in reading order; position -1: an empty slot."""
+    for i, slot in enumerate(record.inputs):
+        if not slot:
+            yield i, -1, -1
+        for j, link in enumerate(slot):
+            yield i, j, link.link
+
+
+def _order_records(records: Sequence[CacheRecord], order: list[int]) -> None:
+    """Append record indexes to ``order`` in BuildKit's add order; raise link errors."""
+    count = len(records)
+    state = bytearray(count)
     for top in range(count):
-        if state[top] is not None:
+        if state[top]:
             continue
-        state[top] = _IN_PROGRESS
-        # A frame is [record index, slot, link, links so far, waiting for a linked record].
-        stack: list[list[object]] = [[top, 0, 0, [], False]]
+        state[top] = _VISITING
+        stack = [(top, _links_of(records[top]))]
         while stack:
-            frame = stack[-1]
-            index: int = frame[0]  # type: ignore[assignment]
-            record = records[index]
-            slots = record.inputs
-            links: list[list[tuple[str, object]]] = frame[3]  # type: ignore[assignment]
-            pushed = False
-            i: int = frame[1]  # type: ignore[assignment]
-            j: int = frame[2]  # type: ignore[assignment]
-            while i < len(slots):
-                slot = slots[i]
-                if j == 0 and not frame[4]:
-                    if not slot:
-                        raise FormatError(
-                            f"invalid empty input for record {index}",
-                            f"records[{index}].inputs[{i}]",
-                        )
-                    if len(links) <= i:
-                        links.append([])
-                if j >= len(slot):
-                    i, j = i + 1, 0
-                    continue
-                link = slot[j]
-                target = link.link
-                if frame[4]:
-                    # Back from reading the linked record: take what it produced (a node,
-                    # or nothing for a random: record, which fails below like BuildKit).
-                    frame[4] = False
-                    links[i].append((link.selector, state[target]))
-                    j += 1
-                    continue
+            index, links = stack[-1]
+            for i, j, target in links:
+                if j < 0:
+                    raise FormatError(
+                        f"invalid empty input for record {index}", f"records[{index}].inputs[{i}]"
+                    )
                 if not 0 <= target < count:
                     raise FormatError(
-                        f"invalid record ID: {target}",
-                        f"records[{index}].inputs[{i}][{j}].link",
+                        f"invalid record ID: {target}", f"records[{index}].inputs[{i}][{j}].link"
                     )
                 seen = state[target]
-                if seen is None:
-                    state[target] = _IN_PROGRESS
-                    frame[1], frame[2], frame[4] = i, j, True
-                    stack.append([target, 0, 0, [], False])
-                    pushed = True
+                if seen == _UNSEEN:
+                    state[target] = _VISITING
+                    stack.append((target, _links_of(records[target])))
                     break
-                if seen is _IN_PROGRESS or seen is _RANDOM:
+                if seen != _DONE:
+                    # Being read (a loop), or a random: record, which BuildKit remembers
+                    # exactly like a record being read.
+                    detail = "" if seen == _VISITING else f" (record {target} has a random: digest)"
                     raise FormatError(
-                        "invalid looping record", f"records[{index}].inputs[{i}][{j}].link"
+                        "invalid looping record" + detail,
+                        f"records[{index}].inputs[{i}][{j}].link",
                     )
-                links[i].append((link.selector, seen))
-                j += 1
-            if pushed:
-                continue
-            stack.pop()
-            results = chains.results(index)
-            deps: list[list[tuple[str, CacheNode]]] = []
-            for i, slot_links in enumerate(links):
-                checked = []
-                for j, (selector, node) in enumerate(slot_links):
-                    if not isinstance(node, CacheNode):
-                        raise FormatError(
-                            f"failed to add record {index}: linked record "
-                            f"{slots[i][j].link} has a random: digest",
-                            f"records[{index}].inputs[{i}][{j}].link",
-                        )
-                    checked.append((selector, node))
-                deps.append(checked)
-            added = graph._add(record.digest, deps, results)
-            state[index] = _RANDOM if added is None else added
-    return graph
+            else:
+                stack.pop()
+                order.append(index)
+                random = records[index].digest.startswith(RANDOM_PREFIX)
+                state[index] = _DONE_RANDOM if random else _DONE
+
+
+def _add_records(
+    graph: CacheGraph,
+    cfg: CacheConfig,
+    descriptors: Mapping[str, Descriptor],
+    order: list[int],
+) -> None:
+    records = cfg.records
+    nodes: list[CacheNode | None] = [None] * len(records)
+    chains = _Chains(cfg, descriptors)
+    for index in order:
+        record = records[index]
+        results = chains.results(index)
+        deps: list[list[tuple[str, CacheNode]]] = []
+        for i, slot in enumerate(record.inputs):
+            links = []
+            for j, link in enumerate(slot):
+                node = nodes[link.link]
+                if node is None:
+                    raise FormatError(
+                        f"failed to add record {index}: linked record {link.link} has a "
+                        "random: digest",
+                        f"records[{index}].inputs[{i}][{j}].link",
+                    )
+                links.append((link.selector, node))
+            deps.append(links)
+        nodes[index] = graph._add(record.digest, deps, results)
 
 
 class _Chains:

@@ -70,11 +70,24 @@ def _node_key(node: CacheNode) -> tuple[object, ...]:
     return tuple(key)
 
 
-def _links(node: CacheNode) -> list[tuple[int, str, CacheNode]]:
-    out = []
+# A link to follow: (slot, selector, linked node, rank among the slot's links as added).
+_Link = tuple[int, str, CacheNode, int]
+# A link written: (selector, record index before sorting, rank).
+_Written = tuple[str, int, int]
+
+
+def _links(node: CacheNode) -> list[_Link]:
+    """A node's links in a canonical order, each with its rank in the order they were added.
+
+    The rank breaks ties when the links of a slot are finally sorted by record index: Go
+    iterates a small map mostly in insertion order, and that is what BuildKit's output
+    shows.
+    """
+    out: list[_Link] = []
     for slot, links in enumerate(node._parents):
-        ordered = sorted(links, key=lambda link: (link[1], link[0].digest))
-        out.extend((slot, selector, parent) for parent, selector in ordered)
+        ranked = [(parent, selector, rank) for rank, (parent, selector) in enumerate(links)]
+        ranked.sort(key=lambda link: (link[1], link[0].digest))
+        out.extend((slot, selector, parent, rank) for parent, selector, rank in ranked)
     return out
 
 
@@ -84,12 +97,14 @@ class _Writer:
     def __init__(self) -> None:
         self.record_of: dict[CacheNode, int] = {}
         self.digests: list[str] = []
-        self.slots: list[list[list[tuple[str, int]]]] = []
+        self.slots: list[list[list[_Written]]] = []
         self.results: list[tuple[int, GoTime] | None] = []
         self.layers: list[tuple[str, int]] = []  # (blob, parent index before sorting)
         self.layer_of: dict[tuple[str, int], int] = {}
         self.descriptors: dict[str, Descriptor] = {}
         self._converted: dict[int, Descriptor] = {}
+        # id(chain) -> (chain, top layer index); the chain is kept so its id stays unique
+        self._chain_top: dict[int, tuple[tuple[Descriptor, ...], int | None]] = {}
 
     def write(self, start: CacheNode) -> None:
         """Write ``start`` after everything it links to (iteratively: graphs can be deep)."""
@@ -97,15 +112,15 @@ class _Writer:
             return
         record_of = self.record_of
         record_of[start] = -1
-        # frame: node, its links, slots written so far, the link waiting for its target
-        stack: list[tuple[CacheNode, list[tuple[int, str, CacheNode]], list[list[tuple[str, int]]], list[int]]] = [
+        # frame: node, its links, slots written so far, position in its links
+        stack: list[tuple[CacheNode, list[_Link], list[list[_Written]], list[int]]] = [
             (start, _links(start), [[] for _ in start._parents], [0])
         ]
         while stack:
             node, links, slots, position = stack[-1]
             pushed = False
             while position[0] < len(links):
-                slot, selector, target = links[position[0]]
+                slot, selector, target, rank = links[position[0]]
                 index = record_of.get(target)
                 if index is None:
                     record_of[target] = -1
@@ -114,7 +129,7 @@ class _Writer:
                     break
                 position[0] += 1
                 if index != -1:  # -1: still being written, a cycle; BuildKit skips it
-                    slots[slot].append((selector, index))
+                    slots[slot].append((selector, index, rank))
             if pushed:
                 continue
             stack.pop()
@@ -131,6 +146,15 @@ class _Writer:
 
     def _chain(self, chain: tuple[Descriptor, ...]) -> int | None:
         """Add a result's layers (root first); return the index of its top layer."""
+        known = self._chain_top.get(id(chain))
+        if known is not None:
+            # The same chain object again (records sharing a result): nothing new to add.
+            return known[1]
+        top = self._add_chain(chain)
+        self._chain_top[id(chain)] = (chain, top)
+        return top
+
+    def _add_chain(self, chain: tuple[Descriptor, ...]) -> int | None:
         parent = -1
         for descriptor in chain:
             converted = self._converted.get(id(descriptor))
@@ -160,50 +184,50 @@ class _Writer:
             layers.append(CacheLayer(blob, -1 if parent == -1 else new_layer[parent]))
 
         digests = self.digests
-        keys = []
-        for slots in self.slots:
-            key: list[object] = [None, len(slots)]
+        keys: list[tuple[object, ...]] = []
+        for digest, slots in zip(digests, self.slots, strict=True):
+            key: list[object] = [digest, len(slots)]
             for links in slots:
-                # BuildKit's order inside a slot comes from a Go map; make it canonical.
-                links.sort(key=lambda link: (link[0], digests[link[1]]))
+                if len(links) > 1:
+                    # BuildKit's order inside a slot comes from a Go map; make it canonical.
+                    links.sort(key=lambda link: (link[0], digests[link[1]]))
                 key.append(len(links))
-                for selector, index in links:
+                for selector, index, _rank in links:
                     key.append(selector)
                     key.append(digests[index])
-            keys.append(key)
-        for key, digest in zip(keys, digests, strict=True):
-            key[0] = digest
-        record_order = sorted(range(len(digests)), key=lambda r: keys[r])
+            keys.append(tuple(key))
+        record_order = sorted(range(len(digests)), key=keys.__getitem__)
         new_record = [0] * len(record_order)
         for position, old in enumerate(record_order):
             new_record[old] = position
 
         records = []
         for old in record_order:
-            inputs = tuple(
-                tuple(
-                    CacheInput(selector, link)
-                    for link, selector in sorted(
-                        (new_record[index], selector) for selector, index in links
-                    )
-                )
-                for links in self.slots[old]
-            )
+            inputs = []
+            for links in self.slots[old]:
+                if len(links) == 1:
+                    selector, index, _rank = links[0]
+                    inputs.append((CacheInput(selector, new_record[index]),))
+                    continue
+                # By record index; equal indexes keep the order the links were added in.
+                renumbered = sorted((new_record[index], rank, sel) for sel, index, rank in links)
+                inputs.append(tuple(CacheInput(sel, link) for link, _rank, sel in renumbered))
             result = self.results[old]
             results = () if result is None else (CacheResult(new_layer[result[0]], result[1]),)
-            records.append(CacheRecord(digests[old], inputs, results))
+            records.append(CacheRecord(digests[old], tuple(inputs), results))
         return CacheConfig(tuple(layers), tuple(records))
 
 
-def marshal(graph: CacheGraph) -> Marshalled:
+def marshal(graph: CacheGraph, *, allow_empty: bool = False) -> Marshalled:
     """The normalised config of ``graph`` and its layer descriptors.
 
-    Raises EmptyCacheError when no layer is referenced (BuildKit skips such an export).
+    Raises EmptyCacheError when no layer is referenced (BuildKit skips such an export);
+    ``allow_empty`` returns the layer-less config instead, as BuildKit's ``Marshal`` does.
     """
     writer = _Writer()
     for leaf in sorted(graph.leaves(), key=_node_key):
         writer.write(leaf)
-    if not writer.layers:
+    if not writer.layers and not allow_empty:
         raise EmptyCacheError()
     config = writer.config()
     layers: list[Descriptor] = []
@@ -219,10 +243,13 @@ def normalize(data: bytes | str) -> bytes:
     """Read a config as BuildKit's S3 importer would, and write it as BuildKit's exporter.
 
     Layer descriptors come from the layers' S3 annotations; the result has no annotations
-    (it is the config blob of the content-store layout).
+    (it is the config blob of the content-store layout). A cache without layers gives the
+    config BuildKit's marshaller writes for it (records only), not an error: exporting it
+    is what BuildKit skips.
     """
     cfg = decode_config(data)
-    return encode_config(marshal(parse_graph(cfg, descriptors_from_annotations(cfg))).config)
+    graph = parse_graph(cfg, descriptors_from_annotations(cfg))
+    return encode_config(marshal(graph, allow_empty=True).config)
 
 
 def s3_config_bytes(m: Marshalled) -> bytes:

@@ -171,8 +171,8 @@ def environment(service: Mapping[str, Any], variables: Mapping[str, str]) -> dic
     else:
         items = []
         for entry in env:
-            key, sep, value = str(entry).partition("=")
-            items.append((key, value if sep else None))
+            name, sep, text = str(entry).partition("=")
+            items.append((name, text if sep else None))
     result: dict[str, str] = {}
     for key, value in items:
         if value is None:
@@ -190,6 +190,21 @@ class ServiceProcess:
 
     argv: list[str]
     environment: dict[str, str]
+
+    def pointed_at(self, addresses: Mapping[str, str], **overrides: str) -> ServiceProcess:
+        """The same process aimed at other servers, e.g. local test servers.
+
+        ``addresses`` maps a compose address (``"redis:6379"``) to its stand-in
+        (``"127.0.0.1:41234"``) wherever it appears in the environment's values;
+        ``overrides`` then set whole variables (a writable heartbeat file, say).
+        """
+        env = {}
+        for key, value in self.environment.items():
+            for old, new in addresses.items():
+                value = re.sub(rf"(?<=[/@]){re.escape(old)}(?=[/]|$)", new, value)
+            env[key] = value
+        env.update(overrides)
+        return ServiceProcess(argv=list(self.argv), environment=env)
 
 
 def service_process(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable
 from typing import Any
 
 import helm_python as helm
@@ -22,6 +23,7 @@ from tests.deploy.chart import (
     render,
     validate,
 )
+from worker.settings import Settings
 
 VALUE_SET_NAMES = sorted(VALUE_SETS)
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -82,6 +84,33 @@ def test_selectors_match_their_pods(rendered: tuple[str, Rendered]) -> None:
         assert any(selector.items() <= lbl.items() for lbl in pods.values()), selecting
 
 
+def test_service_ports_lead_to_container_ports(rendered: tuple[str, Rendered]) -> None:
+    _, result = rendered
+    for service in result.of_kind("Service"):
+        selector = service["spec"]["selector"]
+        (deployment,) = [
+            d
+            for d in result.of_kind("Deployment")
+            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        ports = [
+            p
+            for c in deployment["spec"]["template"]["spec"]["containers"]
+            for p in c.get("ports", [])
+        ]
+        for port in service["spec"]["ports"]:
+            target = port["targetPort"]
+            key = "name" if isinstance(target, str) else "containerPort"
+            assert any(p.get(key) == target for p in ports), (service["metadata"]["name"], target)
+
+
+def test_disruption_budgets_set_one_limit(rendered: tuple[str, Rendered]) -> None:
+    """The API refuses a PodDisruptionBudget with both minAvailable and maxUnavailable."""
+    _, result = rendered
+    for pdb in result.of_kind("PodDisruptionBudget"):
+        assert len({"minAvailable", "maxUnavailable"} & set(pdb["spec"])) == 1
+
+
 def test_secret_references_resolve(rendered: tuple[str, Rendered]) -> None:
     """A secret the chart creates has every key a pod reads from it."""
     _, result = rendered
@@ -130,7 +159,7 @@ def _trigger_metadata(scaled: dict[str, Any]) -> dict[str, Any]:
     return metadata
 
 
-KEDA_MISTAKES = {
+KEDA_MISTAKES: dict[str, Callable[[dict[str, Any]], object]] = {
     # KEDA reads trigger metadata as strings only.
     "numeric listLength": lambda so: _trigger_metadata(so).update(listLength=4),
     "URL instead of host:port": lambda so: _trigger_metadata(so).update(address="redis://r:6379"),
@@ -152,6 +181,26 @@ def test_keda_schema_rejects_mistakes(mistake: str) -> None:
 def test_keda_schemas_cover_the_keda_kinds_rendered() -> None:
     kinds = {(o["apiVersion"], o["kind"]) for o in render(VALUE_SETS["everything"]).objects}
     assert {k for k in kinds if k[0].startswith("keda.sh/")} == set(CUSTOM_SCHEMAS)
+
+
+def test_values_schema_refuses_what_the_worker_settings_refuse() -> None:
+    """No value the chart accepts may stop the workers from starting."""
+    with helm.Chart.load(CHART) as chart:
+        schema = chart.schema
+        defaults = chart.values
+    assert schema is not None
+    worker = schema["properties"]["worker"]["properties"]
+    pairs = {
+        "taskTimeLimit": "task_time_limit",
+        "taskSoftTimeLimit": "task_soft_time_limit",
+        "visibilityTimeout": "visibility_timeout",
+    }
+    for value, field_name in pairs.items():
+        field = Settings.model_fields[field_name]
+        minimum = next(m.ge for m in field.metadata if hasattr(m, "ge"))
+        assert worker[value]["minimum"] >= minimum, value
+        assert defaults["worker"][value] == field.default, value
+    assert defaults["worker"]["queue"] == Settings.model_fields["queue"].default
 
 
 @pytest.mark.parametrize(

@@ -128,3 +128,21 @@ def test_images_from_elsewhere_are_not_guessed(project: tuple[Path, Path]) -> No
     path, env = project
     with pytest.raises(ValueError, match="does not build"):
         compose.service_process("external", path, env)
+
+
+def test_a_service_can_be_pointed_at_local_servers() -> None:
+    worker = compose.service_process("worker")
+    local = worker.pointed_at(
+        {"redis:6379": "127.0.0.1:16379", "minio:9000": "127.0.0.1:19000"},
+        CACHESHIP_HEARTBEAT_FILE="/tmp/hb",
+    )
+    assert local.argv == worker.argv
+    env = local.environment
+    assert env["CACHESHIP_REDIS_URL"].endswith("@127.0.0.1:16379/0")
+    assert env["CACHESHIP_S3_ENDPOINT_URL"] == "http://127.0.0.1:19000"
+    assert env["CACHESHIP_HEARTBEAT_FILE"] == "/tmp/hb"
+    # Nothing else changes: credentials, limits and buckets are those of the compose file.
+    rewritten = {"CACHESHIP_REDIS_URL", "CACHESHIP_S3_ENDPOINT_URL", "CACHESHIP_HEARTBEAT_FILE"}
+    assert {k: v for k, v in env.items() if k not in rewritten} == {
+        k: v for k, v in worker.environment.items() if k not in rewritten
+    }

@@ -1,0 +1,156 @@
+"""``cacheship export``: enqueue an export, optionally follow it to the end."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import IO
+
+import click
+from rich.console import Console
+
+from tasks.request import ExportRequest, LocalSpec, RequestError, S3Spec, parse_request
+from worker.cli.common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    check_redis,
+    fail,
+    parse_option_spec,
+    redact,
+    redis_option,
+    resolve_redis_url,
+)
+from worker.cli.report import dumps, error_line, failed, failure_json, summary_lines
+from worker.cli.watch import watch
+from worker.client import Client, Snapshot
+
+
+def _absolute(spec: LocalSpec | S3Spec) -> LocalSpec | S3Spec:
+    """A relative ``src`` means the current directory here, not the worker's."""
+    if isinstance(spec, LocalSpec) and not os.path.isabs(spec.src):
+        return spec.model_copy(update={"src": os.path.abspath(spec.src)})
+    return spec
+
+
+def build_request(source: str | None, target: str | None, request: IO[str] | None) -> ExportRequest:
+    """The request from ``--from``/``--to`` or from ``--request``; errors exit with 2."""
+    if request is not None:
+        if source or target:
+            fail("give --request, or --from and --to, not both", EXIT_USAGE)
+        try:
+            parsed = parse_request(request.read())
+        except RequestError as exc:
+            fail(f"--request: {exc}", EXIT_USAGE)
+        return parsed.model_copy(update={"source": _absolute(parsed.source)})
+    if not source or not target:
+        fail("give --from SRC and --to DST (or --request FILE)", EXIT_USAGE)
+    src = _absolute(parse_option_spec(source, "--from", "source"))
+    dst = parse_option_spec(target, "--to", "target")
+    if not isinstance(dst, S3Spec):
+        fail("--to: target.type: only type=s3 can be a target", EXIT_USAGE)
+    try:
+        return parse_request(
+            {
+                "source": src.model_dump(mode="json", by_alias=True),
+                "target": dst.model_dump(mode="json", by_alias=True),
+            }
+        )
+    except RequestError as exc:  # pragma: no cover - both parts were validated above
+        fail(str(exc), EXIT_USAGE)
+
+
+def connect(redis_url: str | None) -> Client:
+    """A client for the Redis the workers use, after checking it answers."""
+    url = resolve_redis_url(redis_url)
+    check_redis(url)
+    return Client(url)
+
+
+def follow(client: Client, export_id: str, as_json: bool, started: float) -> None:
+    """Watch to the end, then print the summary (or the JSON); exits non-zero on failure."""
+    err = Console(stderr=True, highlight=False)
+    try:
+        snap: Snapshot = watch(
+            client, export_id, err, plain_write=lambda line: click.echo(line, err=True)
+        )
+    except KeyboardInterrupt:
+        click.echo(
+            f"\nstopped watching; export {export_id} goes on. "
+            f"Watch it again with: cacheship status {export_id} --wait",
+            err=True,
+        )
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    if failed(snap):
+        if as_json:
+            click.echo(dumps(failure_json(snap)))
+        fail(redact(error_line(snap)), EXIT_FAILED)
+    result = snap.result or {}
+    if as_json:
+        click.echo(dumps(result))
+    else:
+        for line in summary_lines(result, time.monotonic() - started):
+            click.echo(line)
+
+
+@click.command("export")
+@click.option(
+    "--from",
+    "source",
+    metavar="SRC",
+    help="The cache to copy: type=local,src=DIR (as --cache-to type=local,dest=DIR wrote it) "
+    "or type=s3,bucket=...",
+)
+@click.option(
+    "--to",
+    "target",
+    metavar="DST",
+    help="Where to write it: type=s3,bucket=B[,region=R,name=N,prefix=P,...] (buildx's form).",
+)
+@click.option(
+    "--request",
+    "request_file",
+    type=click.File("r"),
+    metavar="FILE",
+    help="A JSON export request ('-' reads stdin) instead of --from/--to; see `cacheship schema`.",
+)
+@click.option("--wait", is_flag=True, help="Follow the export with live progress until it ends.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print JSON on stdout: the final result with --wait, else the export id.",
+)
+@redis_option
+def export(
+    source: str | None,
+    target: str | None,
+    request_file: IO[str] | None,
+    wait: bool,
+    as_json: bool,
+    redis_url: str | None,
+) -> None:
+    """Enqueue an export of a BuildKit cache into S3 and print its id.
+
+    \b
+    cacheship export --from type=local,src=./cache --to type=s3,bucket=my-cache,region=eu-west-1
+    cacheship export --request export.json --wait
+    echo '{"source": ..., "target": ...}' | cacheship export --request - --json
+
+    Ctrl-C while waiting stops watching, not the export: `cacheship status ID --wait`
+    picks it up again.
+    """
+    request = build_request(source, target, request_file)
+    client = connect(redis_url)
+    started = time.monotonic()
+    export_id = client.submit(request)
+    if not wait:
+        if as_json:
+            click.echo(dumps({"export_id": export_id, "state": "PENDING"}))
+        else:
+            click.echo(export_id)
+            click.echo(f"follow it with: cacheship status {export_id} --wait", err=True)
+        return
+    if not as_json:
+        click.echo(export_id)
+    follow(client, export_id, as_json, started)

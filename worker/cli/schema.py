@@ -1,0 +1,15 @@
+"""``cacheship schema``: the JSON schema of an export request."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from tasks.request import request_schema
+
+
+@click.command("schema")
+def schema() -> None:
+    """Print the JSON schema of an export request (what --request and Client.submit take)."""
+    click.echo(json.dumps(request_schema(), indent=2))

@@ -1,0 +1,118 @@
+"""``cacheship verify``: is an exported cache sound, the way BuildKit's importer reads it?"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from tasks.request import S3Spec
+from tasks.s3client import S3Endpoint, client_for
+from tasks.verify import BlobCheck, VerifyReport, cache_from_line, verify_cache
+from worker.cli.common import EXIT_FAILED, EXIT_USAGE, fail, human_bytes, parse_option_spec
+from worker.cli.report import dumps
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+
+def s3_client(spec: S3Spec) -> S3Client:
+    """boto3 with the spec's endpoint, else the CACHESHIP_S3_* defaults; AWS's credentials."""
+    from worker.settings import Settings
+
+    settings = Settings()
+    return client_for(
+        S3Endpoint(
+            endpoint_url=spec.endpoint_url or settings.s3_endpoint_url,
+            region=spec.region or settings.s3_region,
+            use_path_style=(
+                settings.s3_use_path_style if spec.use_path_style is None else spec.use_path_style
+            ),
+            request_checksum=settings.s3_request_checksum,
+            max_attempts=settings.s3_max_attempts,
+        )
+    )
+
+
+def report_lines(report: VerifyReport) -> list[str]:
+    """What was checked, each line marked ok or not, then the problems."""
+    lines = []
+    for named in report.names:
+        where = f"s3://{report.bucket}/{named.key}"
+        if named.found:
+            lines.append(
+                f"  config   {where}: {named.layers} layers, {named.records} records "
+                f"({human_bytes(named.config_size)})"
+            )
+        else:
+            lines.append(f"  config   {where}: not readable")
+    present = sum(1 for b in report.blobs if b.found and b.stored_size == b.size)
+    lines.append(
+        f"  blobs    {present} of {len(report.blobs)} present with their sizes "
+        f"({human_bytes(report.bytes_total)})"
+    )
+    if report.deep:
+        hashed = sum(1 for b in report.blobs if b.hashed)
+        lines.append(f"  sha256   {hashed} blobs read back and hashed")
+    for problem in report.problems:
+        lines.append(f"  problem  {problem}")
+    return lines
+
+
+@click.command("verify")
+@click.option(
+    "--cache",
+    "cache",
+    required=True,
+    metavar="SPEC",
+    help="The cache: type=s3,bucket=B[,name=N,prefix=P,endpoint_url=URL,...].",
+)
+@click.option("--deep", is_flag=True, help="Also read every blob back and check its sha256.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def verify(cache: str, deep: bool, as_json: bool) -> None:
+    """Check an exported cache as BuildKit's S3 importer reads it; exit 0 only when sound.
+
+    Reads the config under every name (BuildKit reads the first), checks that it parses,
+    that every layer has its diffID and that every layer blob exists with its size;
+    --deep also checks every blob's sha256. The endpoint comes from the spec or
+    CACHESHIP_S3_ENDPOINT_URL, credentials from AWS's usual chain.
+    """
+    spec = parse_option_spec(cache, "--cache", "cache")
+    if not isinstance(spec, S3Spec):
+        fail("--cache: only type=s3 caches can be verified", EXIT_USAGE)
+    client = s3_client(spec)
+    err = Console(stderr=True, highlight=False)
+    if deep and err.is_terminal and not as_json:
+        with Progress(
+            TextColumn("reading blobs back"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            console=err,
+            transient=True,
+        ) as progress:
+            bar = progress.add_task("verify", total=None)
+
+            def advance(blob: BlobCheck) -> None:
+                progress.advance(bar, blob.size)
+
+            report = verify_cache(client, spec, deep=deep, on_blob=advance)
+    else:
+        report = verify_cache(client, spec, deep=deep)
+    if as_json:
+        click.echo(dumps(report.to_json()))
+    else:
+        click.echo(f"cache s3://{spec.bucket}/{spec.manifest_key(spec.name[0])}")
+        for line in report_lines(report):
+            click.echo(line)
+        if report.sound:
+            click.echo(f"sound: BuildKit can import it with\n  {cache_from_line(spec)}")
+    if not report.sound:
+        count = len(report.problems)
+        fail(
+            f"the cache is not sound: {count} problem{'s' if count != 1 else ''}"
+            + (f" (first: {report.problems[0]})" if report.problems else ""),
+            EXIT_FAILED,
+        )
