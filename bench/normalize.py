@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.cacheformat import (  # noqa: E402
+from tasks.cacheformat import (
     decode_config,
     descriptors_from_annotations,
     encode_config,
@@ -50,7 +50,7 @@ _SELECTORS = ("/src", "/src/app", "/src/go.mod", "/etc/ssl")
 
 
 def _digest(rng: random.Random) -> str:
-    return "sha256:%064x" % rng.getrandbits(256)
+    return f"sha256:{rng.getrandbits(256):064x}"
 
 
 def _time(rng: random.Random) -> str:

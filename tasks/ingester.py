@@ -13,6 +13,7 @@ again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from tasks.s3client import error_code, is_not_found
 
@@ -281,6 +282,23 @@ class BlobWriter:
                 raise
         finally:
             self._close_pool()
+        self._drop_leftovers()
+
+    def _drop_leftovers(self) -> None:
+        """The blob is stored: other unfinished uploads of its key are leftovers; abort them.
+
+        They come from a CreateMultipartUpload retried after its answer was lost, or from a
+        writer that died; nothing would ever complete them. A writer still sending parts to
+        one gets NoSuchUpload, a transient error: its retry finds the blob stored.
+        """
+        try:
+            for upload_id in open_uploads(self.client, self.bucket, self.key):
+                with contextlib.suppress(ClientError):
+                    self.client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=self.key, UploadId=upload_id
+                    )
+        except (ClientError, BotoCoreError):
+            pass  # best effort: the blob itself is stored and verified
 
     def _wait_parts(self) -> None:
         try:

@@ -7,6 +7,7 @@ task id, so a caller follows ONE id from enqueue to the final result.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -119,7 +120,7 @@ def _steps(
     return steps
 
 
-@shared_task(bind=True, name="cacheship.export")
+@shared_task(bind=True, name="cacheship.export", max_retries=None)
 def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     """Validate, read and plan; then hand over to the copy chord under this task's id."""
     settings = get_settings()
@@ -134,6 +135,16 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
         return {"status": "empty", "message": str(exc), "layers": 0, "bytes_sent": 0}
     except PERMANENT as exc:
         raise ExportFailed(str(exc)) from None
+    except Exception as exc:
+        # Reading an S3 source meets the same transient faults as copying a layer.
+        if not is_transient(exc):
+            raise ExportFailed(f"reading the source: {type(exc).__name__}: {exc}") from None
+        if self.request.retries >= settings.copy_max_retries:
+            raise ExportFailed(
+                f"reading the source: gave up after {self.request.retries} retries: {exc}"
+            ) from None
+        countdown = get_exponential_backoff_interval(2, self.request.retries, 60, full_jitter=True)
+        raise self.retry(exc=exc, countdown=countdown) from None
 
     layer_ids = [str(uuid.uuid5(uuid.UUID(export_id), d.digest)) for d in plan.layers]
     steps = _steps(plan, layer_ids, export_id, req.target.image_manifest)
@@ -196,7 +207,9 @@ def copy_layer(
             **extra,
         )
         self.update_state(state=PROGRESS, meta=meta)
-        self.send_event("task-progress", **meta)
+        # Flower shows a custom event's type as the state (PROGRESS) but only Celery's own
+        # task fields; ``result`` carries the same metadata so the task page shows the bytes.
+        self.send_event("task-progress", result=json.dumps(meta), **meta)
 
     throttle = Throttle(publish, settings.progress_interval)
     publish(0, "checking")

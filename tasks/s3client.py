@@ -30,6 +30,10 @@ TRANSIENT_CODES = frozenset(
         "RequestTimeTooSkewed",
         "Throttling",
         "ThrottlingException",
+        # The multipart upload vanished under a writer: another writer of the same blob
+        # completed it, or dropped it as a leftover. A retry finds the blob stored, or
+        # starts a new upload.
+        "NoSuchUpload",
     }
 )
 
@@ -91,6 +95,7 @@ def is_transient(exc: BaseException) -> bool:
     from botocore.exceptions import (
         ConnectionClosedError,
         EndpointConnectionError,
+        IncompleteReadError,
         ReadTimeoutError,
         ResponseStreamingError,
     )
@@ -103,6 +108,7 @@ def is_transient(exc: BaseException) -> bool:
         | ConnectionClosedError
         | ReadTimeoutError
         | ResponseStreamingError
+        | IncompleteReadError
         | ConnectionError
         | TimeoutError,
     )

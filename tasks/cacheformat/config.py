@@ -31,6 +31,7 @@ from tasks.cacheformat.descriptor import (
 )
 from tasks.cacheformat.digests import check_digest, check_record_digest, is_sha256
 from tasks.cacheformat.errors import FormatError
+from tasks.cacheformat.gcpause import paused_gc
 from tasks.cacheformat.gotime import ZERO_TIME, GoTime
 
 
@@ -132,7 +133,8 @@ def decode_config(data: bytes | str) -> CacheConfig:
     Beyond what Go checks, digests must be sha256 and sizes non-negative. Trailing data
     after the JSON value is refused (as BuildKit's S3 importer does).
     """
-    return config_from_json(gojson.loads(data))
+    with paused_gc():
+        return config_from_json(gojson.loads(data))
 
 
 def config_from_json(value: object) -> CacheConfig:
@@ -270,6 +272,11 @@ def encode_config(cfg: CacheConfig) -> bytes:
     empty is written ``null`` (Go's nil slice). Raises FormatError for a time Go cannot
     write (year outside 0 to 9999).
     """
+    with paused_gc():
+        return _encode(cfg)
+
+
+def _encode(cfg: CacheConfig) -> bytes:
     quote = gojson.quote_raw
     parts: list[str] = ["{"]
     if cfg.layers:
@@ -372,6 +379,11 @@ def descriptors_from_annotations(cfg: CacheConfig) -> dict[str, Descriptor]:
     Every layer needs annotations with a diffID (BuildKit refuses the whole cache
     otherwise); when a blob appears twice the last entry wins.
     """
+    with paused_gc():
+        return _descriptors(cfg)
+
+
+def _descriptors(cfg: CacheConfig) -> dict[str, Descriptor]:
     out: dict[str, Descriptor] = {}
     for index, layer in enumerate(cfg.layers):
         a = layer.annotations

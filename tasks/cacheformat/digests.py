@@ -52,6 +52,8 @@ def check_record_digest(value: object, where: str) -> str:
         return value
     if type(value) is str and value == "":
         raise FormatError("record has no digest", where)
+    if value == RANDOM_PREFIX:
+        raise FormatError("random: digest without a key", where)
     raise FormatError(digest_problem(value), where)
 
 

@@ -27,6 +27,7 @@ from tasks.cacheformat.config import CacheConfig, CacheRecord
 from tasks.cacheformat.descriptor import Descriptor
 from tasks.cacheformat.digests import RANDOM_PREFIX, check_record_digest
 from tasks.cacheformat.errors import FormatError, show
+from tasks.cacheformat.gcpause import paused_gc
 from tasks.cacheformat.gotime import GoTime
 
 
@@ -62,7 +63,8 @@ class CacheNode:
         self._graph = graph
         self._seq = seq
         # children[(selector, slot, child digest)] = ordered set of child nodes
-        self._children: dict[_EdgeKey, dict[CacheNode, None]] = {}
+        # (None until the first child: most nodes of a large cache are leaves.)
+        self._children: dict[_EdgeKey, dict[CacheNode, None]] | None = None
         # parents[slot] = ordered set of (parent node, selector)
         self._parents: list[dict[tuple[CacheNode, str], None]] = []
         # Nodes that list this one as a child without a link back in _parents (a merge
@@ -85,7 +87,7 @@ class CacheNode:
         """Nodes that link to this one: ``(selector, their slot index, node)``."""
         return [
             (selector, slot, child)
-            for (selector, slot, _digest), nodes in self._children.items()
+            for (selector, slot, _digest), nodes in (self._children or {}).items()
             for child in nodes
         ]
 
@@ -112,9 +114,12 @@ class CacheNode:
 def _add_link(parent: CacheNode, child: CacheNode, slot: int, selector: str) -> None:
     """Link ``child``'s input ``slot`` to ``parent`` (BuildKit's ``addChild``)."""
     key = (selector, slot, child.digest)
-    nodes = parent._children.get(key)
+    children = parent._children
+    if children is None:
+        children = parent._children = {}
+    nodes = children.get(key)
     if nodes is None:
-        parent._children[key] = {child: None}
+        children[key] = {child: None}
     elif child in nodes:
         return
     else:
@@ -227,7 +232,8 @@ class CacheGraph:
         for slot, links in enumerate(deps):
             candidates: dict[CacheNode, None] = {}
             for selector, parent in links:
-                nodes = parent._children.get((selector, slot, digest))
+                children = parent._children
+                nodes = None if children is None else children.get((selector, slot, digest))
                 if nodes:
                     candidates.update(nodes)
             if found is None:
@@ -248,8 +254,11 @@ class CacheGraph:
         nodes = sorted(nodes, key=lambda n: n._seq)
         main = nodes[0]
         for other in nodes[1:]:
-            for key, children in other._children.items():
-                target = main._children.setdefault(key, {})
+            moved = other._children or {}
+            if moved and main._children is None:
+                main._children = {}
+            for key, children in moved.items():
+                target = main._children.setdefault(key, {})  # type: ignore[union-attr]
                 for child in children:
                     target[child] = None
                     for i, links in enumerate(child._parents):
@@ -330,8 +339,9 @@ class CacheGraph:
                 seen.add(node)
                 if not leaves_only or not node._children:
                     out.append(node)
-                for children in reversed(node._children.values()):
-                    stack.extend(reversed(children))
+                if node._children:
+                    for children in reversed(node._children.values()):
+                        stack.extend(reversed(children))
         return out
 
 
@@ -355,15 +365,15 @@ def parse_graph(cfg: CacheConfig, descriptors: Mapping[str, Descriptor]) -> Cach
     is raised only after the second pass has added every record BuildKit would have added
     before meeting it, so that an earlier result error wins, as it would in BuildKit.
     """
-    records = cfg.records
     order: list[int] = []
-    try:
-        _order_records(records, order)
-    except FormatError as link_error:
-        _add_records(CacheGraph(), cfg, descriptors, order)
-        raise link_error from None
-    graph = CacheGraph()
-    _add_records(graph, cfg, descriptors, order)
+    with paused_gc():
+        try:
+            _order_records(cfg.records, order)
+        except FormatError as link_error:
+            _add_records(CacheGraph(), cfg, descriptors, order)
+            raise link_error from None
+        graph = CacheGraph()
+        _add_records(graph, cfg, descriptors, order)
     return graph
 
 

@@ -38,6 +38,7 @@ from tasks.cacheformat.descriptor import (
 )
 from tasks.cacheformat.digests import check_digest, sha256_digest
 from tasks.cacheformat.errors import EmptyCacheError, FormatError
+from tasks.cacheformat.gcpause import paused_gc
 from tasks.cacheformat.gotime import ZERO_TIME, GoTime
 from tasks.cacheformat.graph import CacheGraph, CacheNode, parse_graph
 from tasks.cacheformat.mediatypes import layer_media_type
@@ -203,7 +204,7 @@ class _Writer:
 
         records = []
         for old in record_order:
-            inputs = []
+            inputs: list[tuple[CacheInput, ...]] = []
             for links in self.slots[old]:
                 if len(links) == 1:
                     selector, index, _rank = links[0]
@@ -224,12 +225,13 @@ def marshal(graph: CacheGraph, *, allow_empty: bool = False) -> Marshalled:
     Raises EmptyCacheError when no layer is referenced (BuildKit skips such an export);
     ``allow_empty`` returns the layer-less config instead, as BuildKit's ``Marshal`` does.
     """
-    writer = _Writer()
-    for leaf in sorted(graph.leaves(), key=_node_key):
-        writer.write(leaf)
-    if not writer.layers and not allow_empty:
-        raise EmptyCacheError()
-    config = writer.config()
+    with paused_gc():
+        writer = _Writer()
+        for leaf in sorted(graph.leaves(), key=_node_key):
+            writer.write(leaf)
+        if not writer.layers and not allow_empty:
+            raise EmptyCacheError()
+        config = writer.config()
     layers: list[Descriptor] = []
     seen: set[str] = set()
     for layer in config.layers:
@@ -247,9 +249,10 @@ def normalize(data: bytes | str) -> bytes:
     config BuildKit's marshaller writes for it (records only), not an error: exporting it
     is what BuildKit skips.
     """
-    cfg = decode_config(data)
-    graph = parse_graph(cfg, descriptors_from_annotations(cfg))
-    return encode_config(marshal(graph, allow_empty=True).config)
+    with paused_gc():
+        cfg = decode_config(data)
+        graph = parse_graph(cfg, descriptors_from_annotations(cfg))
+        return encode_config(marshal(graph, allow_empty=True).config)
 
 
 def s3_config_bytes(m: Marshalled) -> bytes:

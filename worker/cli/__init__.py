@@ -14,12 +14,12 @@ import click
 
 from worker.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, redact
 from worker.cli.config import config
-from worker.cli.demo import demo
-from worker.cli.export import export
-from worker.cli.schema import schema
-from worker.cli.status import status
-from worker.cli.verify import verify
-from worker.cli.worker import worker
+from worker.cli.demo import demo_command
+from worker.cli.export import export_command
+from worker.cli.schema import schema_command
+from worker.cli.status import status_command
+from worker.cli.verify import verify_command
+from worker.cli.worker import worker_command
 
 _state = {"debug": False}
 
@@ -49,7 +49,7 @@ class CacheshipGroup(click.Group):
             rv = super().main(*args, **kwargs)
         except click.UsageError as exc:
             hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            _error(f"{exc.format_message()}{hint}")
+            _error(f"{exc.format_message().rstrip('.')}{hint}")
             sys.exit(EXIT_USAGE)
         except click.ClickException as exc:
             _error(exc.format_message())
@@ -85,5 +85,13 @@ def main(ctx: click.Context, debug: bool) -> None:
     _state["debug"] = debug
 
 
-for command in (export, status, worker, demo, verify, schema, config):
+for command in (
+    export_command,
+    status_command,
+    worker_command,
+    demo_command,
+    verify_command,
+    schema_command,
+    config,
+):
     main.add_command(command)

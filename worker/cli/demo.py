@@ -10,11 +10,11 @@ from rich.console import Console
 from worker.cli.common import EXIT_FAILED, fail
 
 
-@click.command("demo")
+@click.command("demo", short_help="Run the whole pipeline on this machine, end to end.")
 @click.option(
     "--keep", is_flag=True, help="Leave the stack (Redis, S3, worker, Flower) running until Ctrl-C."
 )
-def demo(keep: bool) -> None:
+def demo_command(keep: bool) -> None:
     """Start Redis, S3, a worker and Flower locally, export a sample BuildKit cache with live
     progress, verify it, and show how docker buildx would import it. Cleans up after itself.
     """

@@ -93,7 +93,7 @@ def follow(client: Client, export_id: str, as_json: bool, started: float) -> Non
             click.echo(line)
 
 
-@click.command("export")
+@click.command("export", short_help="Enqueue an export (and follow it with --wait).")
 @click.option(
     "--from",
     "source",
@@ -122,7 +122,7 @@ def follow(client: Client, export_id: str, as_json: bool, started: float) -> Non
     help="Print JSON on stdout: the final result with --wait, else the export id.",
 )
 @redis_option
-def export(
+def export_command(
     source: str | None,
     target: str | None,
     request_file: IO[str] | None,

@@ -9,7 +9,7 @@ import click
 from tasks.request import request_schema
 
 
-@click.command("schema")
-def schema() -> None:
+@click.command("schema", short_help="Print the JSON schema of an export request.")
+def schema_command() -> None:
     """Print the JSON schema of an export request (what --request and Client.submit take)."""
     click.echo(json.dumps(request_schema(), indent=2))

@@ -14,12 +14,12 @@ from worker.cli.report import dumps, error_line, failed, status_json, status_lin
 _TASK_ID = re.compile(r"^[0-9a-fA-F-]{8,64}$")
 
 
-@click.command("status")
+@click.command("status", short_help="Show where an export stands (--wait to follow it).")
 @click.argument("export_id")
 @click.option("--wait", is_flag=True, help="Follow it with live progress until it ends.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON on stdout.")
 @redis_option
-def status(export_id: str, wait: bool, as_json: bool, redis_url: str | None) -> None:
+def status_command(export_id: str, wait: bool, as_json: bool, redis_url: str | None) -> None:
     """Show where export EXPORT_ID stands: every step, then its result or its error.
 
     Exits 0 when the export succeeded or is still running, 1 when it failed.

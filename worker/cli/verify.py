@@ -61,7 +61,7 @@ def report_lines(report: VerifyReport) -> list[str]:
     return lines
 
 
-@click.command("verify")
+@click.command("verify", short_help="Check an exported cache as BuildKit reads it.")
 @click.option(
     "--cache",
     "cache",
@@ -71,7 +71,7 @@ def report_lines(report: VerifyReport) -> list[str]:
 )
 @click.option("--deep", is_flag=True, help="Also read every blob back and check its sha256.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def verify(cache: str, deep: bool, as_json: bool) -> None:
+def verify_command(cache: str, deep: bool, as_json: bool) -> None:
     """Check an exported cache as BuildKit's S3 importer reads it; exit 0 only when sound.
 
     Reads the config under every name (BuildKit reads the first), checks that it parses,

@@ -24,7 +24,6 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
-    TransferSpeedColumn,
 )
 from rich.progress import Task as RichTask
 from rich.text import Text
@@ -119,9 +118,11 @@ class Tracker:
     snapshot: Snapshot | None = None
     queued_since: float | None = None
     hinted: bool = False
+    now: float = 0.0
 
     def update(self, snap: Snapshot, now: float | None = None) -> list[Event]:
         now = time.monotonic() if now is None else now
+        self.now = now
         self.snapshot = snap
         events: list[Event] = []
         if snap.state == "PENDING" and not self.steps:
@@ -204,7 +205,7 @@ class Tracker:
 
     def queued_too_long(self, now: float | None = None) -> bool:
         """True once (for a hint) when nothing picked the export up for a while."""
-        now = time.monotonic() if now is None else now
+        now = self.now if now is None else now
         if self.hinted or self.queued_since is None or self.steps:
             return False
         if self.snapshot is None or self.snapshot.state != "PENDING":
@@ -278,16 +279,16 @@ class PlainView:
 
 
 class _LayerSpeed(ProgressColumn):
-    """Transfer speed while bytes move; nothing for skipped layers and small documents."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._speed = TransferSpeedColumn()
+    """Transfer speed while bytes move, the average once done; nothing for skipped layers,
+    small documents, or copies too quick to measure."""
 
     def render(self, task: RichTask) -> Text:
         if not task.fields.get("show_speed", False):
             return Text("")
-        return self._speed.render(task)
+        speed: float | None = task.fields.get("final_speed") if task.finished else task.speed
+        if not speed:
+            return Text("")
+        return Text(f"{human_bytes(speed)}/s", style="progress.data.speed")
 
 
 class RichView:
@@ -306,6 +307,7 @@ class RichView:
             refresh_per_second=8,
         )
         self.overall: TaskID | None = None
+        self.began = time.monotonic()
         self.ids: dict[str, TaskID] = {}
 
     @contextmanager
@@ -317,7 +319,11 @@ class RichView:
         width = self.console.width
         if self.overall is None:
             self.overall = self.progress.add_task(
-                f"export {tracker.export_id[:8]}", total=None, mark="", show_speed=True
+                f"export {tracker.export_id[:8]}",
+                total=None,
+                mark="",
+                show_speed=True,
+                final_speed=None,
             )
         for name, view in tracker.steps.items():
             task_id = self.ids.get(name)
@@ -328,6 +334,7 @@ class RichView:
                     start=False,
                     mark="waiting",
                     show_speed=False,
+                    final_speed=None,
                 )
                 self.ids[name] = task_id
             if view.started is not None and not self.progress.tasks[task_id].started:
@@ -342,19 +349,25 @@ class RichView:
                 style = "yellow"
             shown = f"[{style}]{_escape(mark)}[/]" if style else _escape(mark)
             copying = view.kind == "layer" and view.status not in ("skipped", "touched")
+            final_speed = None
+            if view.done and view.elapsed >= 0.5:
+                final_speed = view.size / view.elapsed
             self.progress.update(
                 task_id,
                 completed=view.bytes_done,
                 mark=shown,
                 show_speed=copying and view.started is not None,
+                final_speed=final_speed,
             )
             if (view.done or view.failed) and not self.progress.tasks[task_id].finished_time:
                 self.progress.stop_task(task_id)
+        elapsed = time.monotonic() - self.began
         self.progress.update(
             self.overall,
             total=tracker.bytes_total or None,
             completed=tracker.bytes_done,
             mark=_escape(tracker.headline()),
+            final_speed=tracker.bytes_done / elapsed if elapsed >= 0.5 else None,
         )
         if tracker.queued_too_long():
             self.progress.console.print(f"[yellow]{_escape(QUEUED_HINT)}[/]")

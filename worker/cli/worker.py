@@ -21,10 +21,11 @@ def worker_argv(args: tuple[str, ...] | list[str], log_level: str) -> list[str]:
 
 @click.command(
     "worker",
+    short_help="Start a worker (celery worker options pass through).",
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
 )
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker(celery_args: tuple[str, ...]) -> None:
+def worker_command(celery_args: tuple[str, ...]) -> None:
     """Start a worker: `celery -A worker worker` with every option passed through.
 
     Settings come from CACHESHIP_* environment variables (README: configuration);

@@ -1,0 +1,1 @@
+"""Benchmarks of cacheship against raw baselines (run with ``python -m bench``; not tests)."""

@@ -1,0 +1,388 @@
+"""The scenarios: each one times cacheship and its raw baseline back to back, on one server."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from bench.data import BenchCache, write_cache
+from bench.stack import (
+    Cacheship,
+    MemorySampler,
+    baseline_heads,
+    baseline_upload,
+    drop_prefix,
+    memory_now,
+    new_prefix,
+)
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass
+class Sizes:
+    """What a run measures; ``quick`` shrinks everything to a smoke run of seconds."""
+
+    runs: int
+    big: tuple[int, int]
+    small: tuple[int, int]
+    memory_layer: int
+    scale: tuple[int, ...]
+    scale_layer: int
+
+    @classmethod
+    def full(cls, runs: int) -> Sizes:
+        return cls(
+            runs=runs,
+            big=(4, 256 * MiB),
+            small=(500, 64 * KiB),
+            memory_layer=2048 * MiB,
+            scale=(100, 1000, 5000),
+            scale_layer=16 * KiB,
+        )
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            runs=1,
+            big=(2, 12 * MiB),
+            small=(12, 64 * KiB),
+            memory_layer=24 * MiB,
+            scale=(5, 10, 20),
+            scale_layer=4 * KiB,
+        )
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    scenario: str
+    unit: str
+    cacheship: float | None
+    baseline: float | None
+    ratio: float | None
+    target: str
+    passed: bool | None
+    notes: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "unit": self.unit,
+            "cacheship": self.cacheship,
+            "baseline": self.baseline,
+            "ratio": self.ratio,
+            "target": self.target,
+            "pass": self.passed,
+            "notes": self.notes,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class Context:
+    """Everything the scenarios share: the server, cacheship, a scratch dir, the sizes."""
+
+    s3: S3Client
+    cacheship: Cacheship
+    ours: str
+    theirs: str
+    scratch: Path
+    sizes: Sizes
+    concurrency: int
+    upload_parallelism: int
+    part_size: int
+    log: Callable[[str], None]
+    _seed: int = 100
+
+    @property
+    def total_concurrency(self) -> int:
+        """Parts (or requests) in flight at once: pool processes × threads per layer."""
+        return self.concurrency * self.upload_parallelism
+
+    def cache(self, name: str, sizes: list[int]) -> BenchCache:
+        self._seed += 1
+        started = time.perf_counter()
+        cache = write_cache(self.cacheship.source_root / name, sizes, seed=self._seed)
+        self.log(
+            f"  source {name}: {len(sizes)} layers, {cache.bytes_total / MiB:.1f} MiB "
+            f"written in {time.perf_counter() - started:.1f}s"
+        )
+        return cache
+
+    def export(self, cache: BenchCache, prefix: str) -> tuple[float, dict[str, Any]]:
+        """cacheship exports ``cache`` into its bucket under ``prefix``."""
+        return self.cacheship.export(
+            cache, self.ours, prefix=prefix, upload_parallelism=self.upload_parallelism
+        )
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _paired(
+    ctx: Context,
+    label: str,
+    run_cacheship: Callable[[], float],
+    run_baseline: Callable[[], float],
+) -> tuple[list[float], list[float]]:
+    """Alternate the two sides (ABBA…) so drift on a shared machine hits both alike."""
+    ours: list[float] = []
+    theirs: list[float] = []
+    for i in range(ctx.sizes.runs):
+        order = (run_cacheship, run_baseline) if i % 2 == 0 else (run_baseline, run_cacheship)
+        for fn in order:
+            seconds = fn()
+            (ours if fn is run_cacheship else theirs).append(seconds)
+        ctx.log(f"  {label} run {i + 1}: cacheship {ours[-1]:.3f}s, baseline {theirs[-1]:.3f}s")
+    return ours, theirs
+
+
+def _upload_scenario(
+    ctx: Context, name: str, cache: BenchCache, target: float, keep_last: bool = False
+) -> tuple[Row, str | None]:
+    kept: list[str] = []
+
+    def ours() -> float:
+        prefix = new_prefix("cs")
+        seconds, result = ctx.export(cache, prefix)
+        if result.get("layers_uploaded") != len(cache.layers):
+            raise RuntimeError(f"{name}: expected every layer uploaded, got {result}")
+        if keep_last:
+            for old in kept:
+                drop_prefix(ctx.s3, ctx.ours, old)
+            kept[:] = [prefix]
+        else:
+            drop_prefix(ctx.s3, ctx.ours, prefix)
+        return seconds
+
+    def theirs() -> float:
+        prefix = new_prefix("bl")
+        try:
+            return baseline_upload(
+                ctx.s3, ctx.theirs, prefix, cache, ctx.total_concurrency, ctx.part_size
+            )
+        finally:
+            drop_prefix(ctx.s3, ctx.theirs, prefix)
+
+    a, b = _paired(ctx, name, ours, theirs)
+    ratio = _ratio(_median(a), _median(b))
+    mib = cache.bytes_total / MiB
+    row = Row(
+        scenario=name,
+        unit="s",
+        cacheship=_median(a),
+        baseline=_median(b),
+        ratio=ratio,
+        target=f"<= {target:.2f}",
+        passed=ratio is not None and ratio <= target,
+        notes=(
+            f"{len(cache.layers)} layers, {mib:.0f} MiB; cacheship "
+            f"{mib / _median(a):.0f} MiB/s, baseline {mib / _median(b):.0f} MiB/s"
+        ),
+        detail={"cacheship_runs": a, "baseline_runs": b, "layers": len(cache.layers)},
+    )
+    return row, (kept[0] if kept else None)
+
+
+def big_layers(ctx: Context) -> list[Row]:
+    count, size = ctx.sizes.big
+    cache = ctx.cache("big", [size] * count)
+    row, _ = _upload_scenario(ctx, f"1 big layers {count}x{size // MiB} MiB", cache, 1.10)
+    return [row]
+
+
+def small_layers_and_warm(ctx: Context) -> list[Row]:
+    count, size = ctx.sizes.small
+    cache = ctx.cache("small", [size] * count)
+    row, warm_prefix = _upload_scenario(
+        ctx, f"2 small layers {count}x{size // KiB} KiB", cache, 1.5, keep_last=True
+    )
+    assert warm_prefix is not None
+    try:
+        warm = _warm(ctx, cache, warm_prefix)
+    finally:
+        drop_prefix(ctx.s3, ctx.ours, warm_prefix)
+    return [row, warm]
+
+
+def _warm(ctx: Context, cache: BenchCache, prefix: str) -> Row:
+    """Re-export into the prefix the last cacheship run filled; the baseline HEADs it."""
+    sent: list[int] = []
+
+    def ours() -> float:
+        seconds, result = ctx.export(cache, prefix)
+        sent.append(int(result["bytes_sent"]))
+        if result.get("layers_skipped") != len(cache.layers):
+            raise RuntimeError(f"warm re-export: expected every layer skipped, got {result}")
+        return seconds
+
+    def theirs() -> float:
+        return baseline_heads(ctx.s3, ctx.ours, prefix, cache, ctx.total_concurrency)
+
+    a, b = _paired(ctx, "warm", ours, theirs)
+    ratio = _ratio(_median(a), _median(b))
+    return Row(
+        scenario=f"3 warm re-export {len(cache.layers)} layers",
+        unit="s",
+        cacheship=_median(a),
+        baseline=_median(b),
+        ratio=ratio,
+        target="<= 1.20, 0 bytes",
+        passed=ratio is not None and ratio <= 1.2 and not any(sent),
+        notes=f"bytes uploaded: {max(sent)}; baseline = {len(cache.layers)} HEADs",
+        detail={"cacheship_runs": a, "baseline_runs": b, "bytes_sent": sent},
+    )
+
+
+def memory(ctx: Context) -> list[Row]:
+    size = ctx.sizes.memory_layer
+    cache = ctx.cache("memory", [size])
+    pids = ctx.cacheship.pids()
+    idle = memory_now(pids)
+    prefix = new_prefix("mem")
+    try:
+        with MemorySampler(pids) as sampler:
+            seconds, result = ctx.export(cache, prefix)
+    finally:
+        drop_prefix(ctx.s3, ctx.ours, prefix)
+    if result.get("layers_uploaded") != 1:
+        raise RuntimeError(f"memory: expected the layer uploaded, got {result}")
+    peak = sampler.peak
+    return [
+        Row(
+            scenario=f"4 memory, one {size // MiB} MiB layer",
+            unit="MiB",
+            cacheship=round(peak.rss_sum, 1),
+            baseline=round(idle.rss_sum, 1),
+            ratio=None,
+            target="<= 150 MiB",
+            passed=peak.rss_sum <= 150,
+            notes=(
+                f"peak VmRSS summed over {len(pids)} processes (baseline column: the same "
+                f"processes idle); busiest process VmHWM {peak.hwm_max:.0f} MiB; "
+                f"peak PSS sum {peak.pss_sum:.0f} MiB; {size / MiB / seconds:.0f} MiB/s"
+            ),
+            detail={
+                "rss_sum_peak": peak.rss_sum,
+                "pss_sum_peak": peak.pss_sum,
+                "hwm_max": peak.hwm_max,
+                "hwm_per_process": {str(k): v for k, v in peak.per_process_hwm.items()},
+                "idle_rss_sum": idle.rss_sum,
+                "idle_pss_sum": idle.pss_sum,
+                "seconds": seconds,
+            },
+        )
+    ]
+
+
+def scale(ctx: Context) -> list[Row]:
+    r = redis.Redis.from_url(ctx.cacheship.redis.url)
+    per_layer: dict[int, float] = {}
+    redis_bytes: dict[int, int] = {}
+    runs: dict[int, list[float]] = {}
+    for count in ctx.sizes.scale:
+        cache = ctx.cache(f"scale-{count}", [ctx.sizes.scale_layer] * count)
+        repeats = ctx.sizes.runs if count * ctx.sizes.runs <= 3000 else 1
+        times: list[float] = []
+        for _ in range(repeats):
+            before = int(r.info("memory")["used_memory"])
+            prefix = new_prefix("scale")
+            try:
+                seconds, result = ctx.export(cache, prefix)
+            finally:
+                drop_prefix(ctx.s3, ctx.ours, prefix)
+            if result.get("layers_uploaded") != count:
+                raise RuntimeError(f"scale {count}: not every layer uploaded: {result}")
+            after = int(r.info("memory")["used_memory"])
+            redis_bytes[count] = after - before
+            times.append(seconds)
+            ctx.log(f"  scale {count}: {seconds:.2f}s, redis +{(after - before) / MiB:.1f} MiB")
+        runs[count] = times
+        per_layer[count] = _median(times) / count
+    first, last = ctx.sizes.scale[0], ctx.sizes.scale[-1]
+    ratio = per_layer[last] / per_layer[first]
+    used = int(r.info("memory")["used_memory"])
+    r.close()
+    rows = [
+        Row(
+            scenario=f"5 scale: per-layer time {last} vs {first} layers",
+            unit="ms/layer",
+            cacheship=round(per_layer[last] * 1000, 2),
+            baseline=round(per_layer[first] * 1000, 2),
+            ratio=ratio,
+            target="<= 1.30",
+            passed=ratio <= 1.3,
+            notes=(
+                "per-layer ms: "
+                + ", ".join(f"{n}: {per_layer[n] * 1000:.2f}" for n in ctx.sizes.scale)
+                + "; Redis growth per export: "
+                + ", ".join(f"{n}: {redis_bytes[n] / MiB:.2f} MiB" for n in ctx.sizes.scale)
+                + f"; Redis used_memory at the end {used / MiB:.1f} MiB"
+            ),
+            detail={
+                "runs": {str(k): v for k, v in runs.items()},
+                "per_layer_s": {str(k): v for k, v in per_layer.items()},
+                "redis_growth_bytes": {str(k): v for k, v in redis_bytes.items()},
+                "redis_used_memory": used,
+            },
+        )
+    ]
+    return rows
+
+
+def normalize(ctx: Context) -> list[Row]:
+    """Scenario 6 is the format benchmark's own (``bench/normalize.py``); it is only called."""
+    name = "6 normalise 100k-record config"
+    if importlib.util.find_spec("bench.normalize") is None:
+        return [
+            Row(name, "s", None, None, None, "see bench/normalize.py", None, "not present")
+        ]
+    module = importlib.import_module("bench.normalize")
+    runner = getattr(module, "bench_row", None)
+    if runner is None:
+        return [Row(name, "s", None, None, None, "-", None, "bench/normalize.py: no bench_row()")]
+    found: dict[str, Any] = runner(quick=ctx.sizes.runs == 1 and ctx.sizes.big[1] < 64 * MiB)
+    return [
+        Row(
+            scenario=str(found.get("scenario", name)),
+            unit=str(found.get("unit", "s")),
+            cacheship=found.get("cacheship"),
+            baseline=found.get("baseline"),
+            ratio=found.get("ratio"),
+            target=str(found.get("target", "-")),
+            passed=found.get("pass"),
+            notes=str(found.get("notes", "")),
+            detail=dict(found.get("detail", {})),
+        )
+    ]
+
+
+SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
+    "big": big_layers,
+    "small": small_layers_and_warm,
+    "memory": memory,
+    "scale": scale,
+    "normalize": normalize,
+}

@@ -1,0 +1,490 @@
+"""A fault-injecting HTTP/1.1 proxy between workers and the S3 test server.
+
+Workers are pointed at ``proxy.url`` instead of the S3 server; every request is forwarded
+upstream over a kept-alive connection, and a seeded random draw decides, per request,
+whether to:
+
+- answer it with an S3 error (500 ``InternalError``, 503 ``SlowDown``, 503
+  ``ServiceUnavailable``) without forwarding it: the request never happened;
+- forward it and then cut the answer mid-body (or close the connection before any answer
+  when there is no body): the request DID happen, its answer was lost;
+- delay it (latency), and slow down request bodies (a bandwidth cap per connection).
+
+It can also answer HEAD requests with a fixed status (every HEAD, or only those the server
+answers 404 to: what S3 does for a missing key when the caller lacks ``s3:ListBucket``).
+
+The proxy understands HTTP/1.1 framing (``Content-Length``, chunked bodies both ways,
+``Expect: 100-continue``, keep-alive, bodies ended by close) and answers only on loopback.
+It is bounded: it stops by itself after ``max_requests`` requests or ``max_seconds``
+seconds, and always when the ``with`` block ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+from urllib.parse import urlsplit
+
+LOOPBACK = "127.0.0.1"
+MAX_LINE = 64 * 1024
+MAX_HEADERS = 200
+PIECE = 64 * 1024
+
+ERRORS: dict[str, tuple[int, str, str]] = {
+    "500": (500, "InternalError", "We encountered an internal error. Please try again."),
+    "503": (503, "ServiceUnavailable", "Please reduce your request rate."),
+    "slowdown": (503, "SlowDown", "Please reduce your request rate."),
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One parsed request: what a fault rule can look at."""
+
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    @property
+    def query(self) -> str:
+        return self.target.split("?", 1)[1] if "?" in self.target else ""
+
+    def header(self, name: str) -> str | None:
+        lowered = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lowered:
+                return value
+        return None
+
+    @property
+    def operation(self) -> str:
+        """A short S3 operation name, for statistics."""
+        query = self.query
+        if self.method == "PUT" and "partNumber=" in query:
+            return "UploadPart"
+        if self.method == "POST" and "uploads" in query.split("&"):
+            return "CreateMultipartUpload"
+        if self.method == "POST" and "uploadId=" in query:
+            return "CompleteMultipartUpload"
+        if self.method == "DELETE" and "uploadId=" in query:
+            return "AbortMultipartUpload"
+        if self.method == "GET" and "uploadId=" in query:
+            return "ListParts"
+        if self.method == "GET" and "uploads" in query.split("&"):
+            return "ListMultipartUploads"
+        if self.method == "PUT" and self.header("x-amz-copy-source"):
+            return "CopyObject"
+        return {"PUT": "PutObject", "GET": "GetObject", "HEAD": "HeadObject"}.get(
+            self.method, self.method
+        )
+
+
+@dataclass
+class FaultPlan:
+    """What the proxy does to traffic. Rates are fractions of the requests that ``match``."""
+
+    error_rate: float = 0.0
+    cut_rate: float = 0.0
+    errors: tuple[str, ...] = ("500", "503", "slowdown")
+    latency: tuple[float, float] = (0.0, 0.0)
+    bandwidth: int | None = None  # bytes per second of request body, per connection
+    head_status: int | None = None  # answer every HEAD with this status
+    head_missing_status: int | None = None  # answer a HEAD the server says 404 to with this
+    match: Callable[[Request], bool] = field(default=lambda request: True)
+
+
+@dataclass
+class Stats:
+    """What happened, for assertions and for the test report."""
+
+    requests: int = 0
+    errors: int = 0
+    cuts: int = 0
+    head_rewrites: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    operations: Counter[str] = field(default_factory=Counter)
+    faults_by_operation: Counter[str] = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        return (
+            f"{self.requests} requests, {self.errors} errors injected, {self.cuts} answers cut, "
+            f"{self.head_rewrites} HEADs rewritten, {self.bytes_up} bytes up"
+        )
+
+
+class _Closed(Exception):
+    """The peer closed the connection (cleanly, between requests, or not)."""
+
+
+def _readline(rfile: BinaryIO) -> bytes:
+    line = rfile.readline(MAX_LINE + 1)
+    if not line:
+        raise _Closed
+    if len(line) > MAX_LINE:
+        raise ValueError("header line too long")
+    return line
+
+
+def _read_head(rfile: BinaryIO) -> tuple[bytes, list[tuple[str, str]]]:
+    """The start line and the header fields (blank lines before a request are skipped)."""
+    start = _readline(rfile)
+    while start in (b"\r\n", b"\n"):
+        start = _readline(rfile)
+    headers: list[tuple[str, str]] = []
+    while True:
+        line = _readline(rfile)
+        if line in (b"\r\n", b"\n"):
+            return start.rstrip(b"\r\n"), headers
+        name, sep, value = line.decode("latin-1").partition(":")
+        if not sep or len(headers) >= MAX_HEADERS:
+            raise ValueError(f"bad header line {line[:60]!r}")
+        headers.append((name.strip(), value.strip()))
+
+
+def _get(headers: list[tuple[str, str]], name: str) -> str | None:
+    lowered = name.lower()
+    for key, value in headers:
+        if key.lower() == lowered:
+            return value
+    return None
+
+
+def _is_chunked(headers: list[tuple[str, str]]) -> bool:
+    encoding = _get(headers, "Transfer-Encoding") or ""
+    return "chunked" in encoding.lower()
+
+
+class _Pacer:
+    """Sleeps so that bytes pass at no more than ``rate()`` per second (None: no limit)."""
+
+    def __init__(self, rate: Callable[[], int | None]) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+        self.sent = 0
+
+    def __call__(self, count: int) -> None:
+        rate = self.rate()
+        if not rate:
+            return
+        self.sent += count
+        ahead = self.sent / rate - (time.monotonic() - self.start)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+def _read_exact(rfile: BinaryIO, size: int, pace: _Pacer | None = None) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        piece = rfile.read(min(PIECE, size - len(out)))
+        if not piece:
+            raise _Closed
+        out += piece
+        if pace is not None:
+            pace(len(piece))
+    return bytes(out)
+
+
+def _read_chunked(rfile: BinaryIO, pace: _Pacer | None = None) -> bytes:
+    """A chunked body exactly as sent (sizes, extensions, trailers), to relay unchanged."""
+    raw = bytearray()
+    while True:
+        line = _readline(rfile)
+        raw += line
+        size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+        if size == 0:
+            while True:
+                trailer = _readline(rfile)
+                raw += trailer
+                if trailer in (b"\r\n", b"\n"):
+                    return bytes(raw)
+        raw += _read_exact(rfile, size + 2, pace)
+
+
+def _error_body(code: str, message: str, resource: str) -> bytes:
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message>"
+        f"<Resource>{resource}</Resource><RequestId>faultproxy</RequestId></Error>"
+    ).encode()
+
+
+class FaultProxy:
+    """``with FaultProxy(upstream, plan, seed=...) as proxy:`` ... ``proxy.url``."""
+
+    def __init__(
+        self,
+        upstream: str,
+        plan: FaultPlan | None = None,
+        *,
+        seed: int = 0,
+        max_requests: int = 200_000,
+        max_seconds: float = 900.0,
+    ) -> None:
+        parts = urlsplit(upstream)
+        if parts.hostname not in (LOOPBACK, "localhost") or parts.port is None:
+            raise ValueError("the fault proxy only forwards to a loopback server")
+        self.upstream = (LOOPBACK, parts.port)
+        self.plan = plan or FaultPlan()
+        self.stats = Stats()
+        self.max_requests = max_requests
+        self.max_seconds = max_seconds
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._listener = socket.create_server((LOOPBACK, 0))
+        self._listener.settimeout(0.2)
+        self.port = int(self._listener.getsockname()[1])
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self._conns: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._started = time.monotonic()
+        self._acceptor = threading.Thread(target=self._accept_loop, name="faultproxy", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> FaultProxy:
+        self._acceptor.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, close every connection, wait for the threads (bounded)."""
+        self._stopped.set()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                conn.close()
+        self._acceptor.join(5)
+        for thread in list(self._threads):
+            thread.join(5)
+
+    def __enter__(self) -> FaultProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _expired(self) -> bool:
+        return (
+            self._stopped.is_set()
+            or time.monotonic() - self._started > self.max_seconds
+            or self.stats.requests >= self.max_requests
+        )
+
+    def _accept_loop(self) -> None:
+        while not self._expired():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            conn.settimeout(300)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._conns.add(conn)
+                self._threads = [t for t in self._threads if t.is_alive()]
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        if not self._stopped.is_set():
+            self.stop_async()
+
+    def stop_async(self) -> None:
+        """Stop from a proxy thread (the limits were reached)."""
+        threading.Thread(target=self.stop, daemon=True).start()
+
+    # ------------------------------------------------------------------ decisions
+
+    def _draw(self) -> float:
+        with self._lock:
+            return self._rng.random()
+
+    def _choice(self, options: tuple[str, ...]) -> str:
+        with self._lock:
+            return self._rng.choice(options)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + delta)
+
+    # ------------------------------------------------------------------ one connection
+
+    def _serve(self, conn: socket.socket) -> None:
+        rfile = conn.makefile("rb")
+        upstream: tuple[socket.socket, BinaryIO] | None = None
+        try:
+            while not self._expired():
+                pace = _Pacer(lambda: self.plan.bandwidth)
+                try:
+                    request = self._read_request(conn, rfile, pace)
+                except (_Closed, OSError, ValueError):
+                    return
+                plan = self.plan  # read now: a test may change it while a connection idles
+                with self._lock:
+                    self.stats.requests += 1
+                    self.stats.bytes_up += len(request.body)
+                    self.stats.operations[request.operation] += 1
+                low, high = plan.latency
+                if high > 0:
+                    time.sleep(low + (high - low) * self._draw())
+                keep = (_get(request.headers, "Connection") or "").lower() != "close"
+                matched = plan.match(request)
+
+                if matched and self._draw() < plan.error_rate:
+                    self._answer_error(conn, request, self._choice(plan.errors))
+                    if not keep:
+                        return
+                    continue
+                if request.method == "HEAD" and plan.head_status is not None:
+                    self._count(head_rewrites=1)
+                    self._answer_status(conn, plan.head_status)
+                    if not keep:
+                        return
+                    continue
+
+                if upstream is None:
+                    upstream = self._connect()
+                try:
+                    status, head, body, close_after = self._exchange(upstream, request)
+                except (_Closed, OSError):
+                    # A kept-alive upstream connection went stale: one fresh try.
+                    self._close_upstream(upstream)
+                    upstream = self._connect()
+                    status, head, body, close_after = self._exchange(upstream, request)
+                if close_after:
+                    self._close_upstream(upstream)
+                    upstream = None
+
+                if (
+                    request.method == "HEAD"
+                    and status == 404
+                    and plan.head_missing_status is not None
+                ):
+                    self._count(head_rewrites=1)
+                    self._answer_status(conn, plan.head_missing_status)
+                    if not keep:
+                        return
+                    continue
+                if matched and self._draw() < plan.cut_rate:
+                    with self._lock:
+                        self.stats.cuts += 1
+                        self.stats.faults_by_operation[f"cut {request.operation}"] += 1
+                    if len(body) > 1:
+                        conn.sendall(head + body[: len(body) // 2])
+                    return  # the answer is lost: close the client connection
+                conn.sendall(head + body)
+                self._count(bytes_down=len(body))
+                if close_after or not keep:
+                    return
+        finally:
+            if upstream is not None:
+                self._close_upstream(upstream)
+            with self._lock:
+                self._conns.discard(conn)
+            with contextlib.suppress(OSError):
+                rfile.close()
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def _read_request(self, conn: socket.socket, rfile: BinaryIO, pace: _Pacer) -> Request:
+        start, headers = _read_head(rfile)
+        method, target, _version = start.decode("latin-1").split(" ", 2)
+        expect = _get(headers, "Expect")
+        if expect is not None and expect.lower() == "100-continue":
+            conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            headers = [(k, v) for k, v in headers if k.lower() != "expect"]
+        if _is_chunked(headers):
+            body = _read_chunked(rfile, pace)
+        else:
+            length = int(_get(headers, "Content-Length") or 0)
+            if length < 0:
+                raise ValueError("negative Content-Length")
+            body = _read_exact(rfile, length, pace)
+        return Request(method, target, headers, body)
+
+    def _connect(self) -> tuple[socket.socket, BinaryIO]:
+        sock = socket.create_connection(self.upstream, timeout=120)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, sock.makefile("rb")
+
+    @staticmethod
+    def _close_upstream(upstream: tuple[socket.socket, BinaryIO]) -> None:
+        sock, rfile = upstream
+        with contextlib.suppress(OSError):
+            rfile.close()
+        with contextlib.suppress(OSError):
+            sock.close()
+
+    def _exchange(
+        self, upstream: tuple[socket.socket, BinaryIO], request: Request
+    ) -> tuple[int, bytes, bytes, bool]:
+        """Send the request upstream; returns (status, raw head, raw body, close after)."""
+        sock, rfile = upstream
+        lines = [f"{request.method} {request.target} HTTP/1.1"]
+        lines += [f"{k}: {v}" for k, v in request.headers]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + request.body)
+        while True:
+            start, headers = _read_head(rfile)
+            version, status_text = start.decode("latin-1").split(" ", 2)[:2]
+            status = int(status_text)
+            if status >= 200 or status == 101:
+                break  # interim 1xx answers are dropped: the client saw our own 100
+        close_after = (_get(headers, "Connection") or "").lower() == "close" or (
+            version == "HTTP/1.0" and (_get(headers, "Connection") or "").lower() != "keep-alive"
+        )
+        if request.method == "HEAD" or status in (204, 304):
+            body = b""
+        elif _is_chunked(headers):
+            body = _read_chunked(rfile)
+        elif _get(headers, "Content-Length") is not None:
+            body = _read_exact(rfile, int(_get(headers, "Content-Length") or 0))
+        else:
+            # Ended by close: read it all, and tell the client its length instead.
+            body = rfile.read()
+            headers = [(k, v) for k, v in headers if k.lower() != "connection"]
+            headers += [("Content-Length", str(len(body))), ("Connection", "close")]
+            close_after = True
+        head = [start.decode("latin-1")] + [f"{k}: {v}" for k, v in headers]
+        return status, ("\r\n".join(head) + "\r\n\r\n").encode("latin-1"), body, close_after
+
+    def _answer_error(self, conn: socket.socket, request: Request, kind: str) -> None:
+        status, code, message = ERRORS[kind]
+        with self._lock:
+            self.stats.errors += 1
+            self.stats.faults_by_operation[f"{code} {request.operation}"] += 1
+        body = b"" if request.method == "HEAD" else _error_body(code, message, request.path)
+        reason = "Internal Server Error" if status == 500 else "Service Unavailable"
+        head = (
+            f"HTTP/1.1 {status} {reason}\r\n"
+            "Content-Type: application/xml\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "x-amz-request-id: faultproxy\r\n\r\n"
+        )
+        conn.sendall(head.encode() + body)
+
+    @staticmethod
+    def _answer_status(conn: socket.socket, status: int) -> None:
+        reasons = {403: "Forbidden", 404: "Not Found", 500: "Internal Server Error"}
+        conn.sendall(
+            f"HTTP/1.1 {status} {reasons.get(status, 'Error')}\r\n"
+            "Content-Length: 0\r\nx-amz-request-id: faultproxy\r\n\r\n".encode()
+        )
