@@ -111,7 +111,7 @@ def generate(records: int, layers: int, seed: int = 1) -> dict[str, Any]:
             remaining_layers = layers - len(out_layers)
             if remaining_layers > 0 and rng.random() < remaining_layers / remaining_records:
                 top = add_layer(top)
-            inputs = [[{"link": previous}]]
+            inputs: list[list[dict[str, Any]]] = [[{"link": previous}]]
             kind = rng.random()
             if kind < 0.3:
                 inputs.append([{"selector": rng.choice(_SELECTORS), "link": context}])

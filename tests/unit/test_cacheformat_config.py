@@ -303,14 +303,14 @@ times = st.builds(
     st.integers(0, 999_999_999) | st.just(0),
     st.integers(-(23 * 60 + 59), 23 * 60 + 59).map(lambda m: m * 60) | st.just(0),
 )
-annotations = st.builds(
+layer_annotations = st.builds(
     LayerAnnotations,
     st.text(max_size=12),
     st.just("") | digests,
     st.integers(0, 2**63 - 1) | st.just(0),
     times,
 )
-layers = st.builds(CacheLayer, digests, small | ints, st.none() | annotations)
+layers = st.builds(CacheLayer, digests, small | ints, st.none() | layer_annotations)
 inputs = st.builds(CacheInput, st.text(max_size=10), small | ints)
 records = st.builds(
     CacheRecord,
