@@ -116,7 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _warm_up(ctx: Context) -> None:
     """Every pool process builds its S3 client and imports once before anything is timed."""
-    cache = ctx.cache("warmup", [64 * KiB] * (4 * ctx.concurrency))
+    batch = Settings().batch_layers
+    cache = ctx.cache("warmup", [4 * KiB] * (2 * ctx.concurrency * batch))
     prefix = new_prefix("warmup")
     try:
         ctx.export(cache, prefix)
@@ -157,6 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cacheship=cacheship,
             ours="cacheship-bench",
             theirs="baseline-bench",
+            server_pid=server.proc.pid,
             scratch=scratch,
             sizes=sizes,
             concurrency=args.concurrency,

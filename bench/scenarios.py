@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from bench.data import BenchCache, write_cache
+from bench.servers import cpu_seconds
 from bench.stack import (
     Cacheship,
     MemorySampler,
@@ -101,6 +103,7 @@ class Context:
     cacheship: Cacheship
     ours: str
     theirs: str
+    server_pid: int
     scratch: Path
     sizes: Sizes
     concurrency: int
@@ -141,22 +144,59 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+@dataclass
+class Cpu:
+    """CPU seconds spent by each party during one side's runs (medians over the runs)."""
+
+    client: list[float] = field(default_factory=list)
+    server: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        return {"client": _median(self.client), "server": _median(self.server)}
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _paired(
     ctx: Context,
     label: str,
     run_cacheship: Callable[[], float],
     run_baseline: Callable[[], float],
-) -> tuple[list[float], list[float]]:
-    """Alternate the two sides (ABBA…) so drift on a shared machine hits both alike."""
+) -> tuple[list[float], list[float], dict[str, dict[str, float]]]:
+    """Alternate the two sides (ABBA…) so drift on a shared machine hits both alike.
+
+    Also counts CPU seconds: cacheship's worker processes, or this process for the
+    baseline, and the S3 server's, so the table can say which party bounds a scenario.
+    """
     ours: list[float] = []
     theirs: list[float] = []
+    cpu = {"cacheship": Cpu(), "baseline": Cpu()}
     for i in range(ctx.sizes.runs):
         order = (run_cacheship, run_baseline) if i % 2 == 0 else (run_baseline, run_cacheship)
         for fn in order:
+            mine = fn is run_cacheship
+            pids = ctx.cacheship.pids() if mine else []
+            client0 = sum(cpu_seconds(p) for p in pids) if mine else _self_cpu()
+            server0 = cpu_seconds(ctx.server_pid)
             seconds = fn()
-            (ours if fn is run_cacheship else theirs).append(seconds)
+            client1 = sum(cpu_seconds(p) for p in pids) if mine else _self_cpu()
+            side = cpu["cacheship" if mine else "baseline"]
+            side.client.append(client1 - client0)
+            side.server.append(cpu_seconds(ctx.server_pid) - server0)
+            (ours if mine else theirs).append(seconds)
         ctx.log(f"  {label} run {i + 1}: cacheship {ours[-1]:.3f}s, baseline {theirs[-1]:.3f}s")
-    return ours, theirs
+    return ours, theirs, {k: v.summary() for k, v in cpu.items()}
+
+
+def _cpu_note(cpu: dict[str, dict[str, float]]) -> str:
+    ours, theirs = cpu["cacheship"], cpu["baseline"]
+    return (
+        f"CPU s (client/server): cacheship {ours['client']:.2f}/{ours['server']:.2f}, "
+        f"baseline {theirs['client']:.2f}/{theirs['server']:.2f}"
+    )
 
 
 def _upload_scenario(
@@ -186,7 +226,7 @@ def _upload_scenario(
         finally:
             drop_prefix(ctx.s3, ctx.theirs, prefix)
 
-    a, b = _paired(ctx, name, ours, theirs)
+    a, b, cpu = _paired(ctx, name, ours, theirs)
     ratio = _ratio(_median(a), _median(b))
     mib = cache.bytes_total / MiB
     row = Row(
@@ -199,9 +239,15 @@ def _upload_scenario(
         passed=ratio is not None and ratio <= target,
         notes=(
             f"{len(cache.layers)} layers, {mib:.0f} MiB; cacheship "
-            f"{mib / _median(a):.0f} MiB/s, baseline {mib / _median(b):.0f} MiB/s"
+            f"{mib / _median(a):.0f} MiB/s, baseline {mib / _median(b):.0f} MiB/s; "
+            + _cpu_note(cpu)
         ),
-        detail={"cacheship_runs": a, "baseline_runs": b, "layers": len(cache.layers)},
+        detail={
+            "cacheship_runs": a,
+            "baseline_runs": b,
+            "layers": len(cache.layers),
+            "cpu_seconds": cpu,
+        },
     )
     return row, (kept[0] if kept else None)
 
@@ -241,7 +287,7 @@ def _warm(ctx: Context, cache: BenchCache, prefix: str) -> Row:
     def theirs() -> float:
         return baseline_heads(ctx.s3, ctx.ours, prefix, cache, ctx.total_concurrency)
 
-    a, b = _paired(ctx, "warm", ours, theirs)
+    a, b, cpu = _paired(ctx, "warm", ours, theirs)
     ratio = _ratio(_median(a), _median(b))
     return Row(
         scenario=f"3 warm re-export {len(cache.layers)} layers",
@@ -251,8 +297,10 @@ def _warm(ctx: Context, cache: BenchCache, prefix: str) -> Row:
         ratio=ratio,
         target="<= 1.20, 0 bytes",
         passed=ratio is not None and ratio <= 1.2 and not any(sent),
-        notes=f"bytes uploaded: {max(sent)}; baseline = {len(cache.layers)} HEADs",
-        detail={"cacheship_runs": a, "baseline_runs": b, "bytes_sent": sent},
+        notes=(
+            f"bytes uploaded: {max(sent)}; baseline = {len(cache.layers)} HEADs; " + _cpu_note(cpu)
+        ),
+        detail={"cacheship_runs": a, "baseline_runs": b, "bytes_sent": sent, "cpu_seconds": cpu},
     )
 
 
@@ -356,9 +404,7 @@ def normalize(ctx: Context) -> list[Row]:
     """Scenario 6 is the format benchmark's own (``bench/normalize.py``); it is only called."""
     name = "6 normalise 100k-record config"
     if importlib.util.find_spec("bench.normalize") is None:
-        return [
-            Row(name, "s", None, None, None, "see bench/normalize.py", None, "not present")
-        ]
+        return [Row(name, "s", None, None, None, "see bench/normalize.py", None, "not present")]
     module = importlib.import_module("bench.normalize")
     runner = getattr(module, "bench_row", None)
     if runner is None:

@@ -126,9 +126,7 @@ class Cacheship:
     client: Client | None = None
 
     def env(self) -> dict[str, str]:
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("CACHESHIP_", "AWS_"))
-        }
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CACHESHIP_", "AWS_"))}
         env.update(
             {
                 "CACHESHIP_REDIS_URL": self.redis.url,

@@ -63,9 +63,11 @@ def copy_blob(
         min_part_size=min_part_size,
         parallelism=target.upload_parallelism,
     )
+    # Whole parts per read: the writer then sends each one without copying it.
+    read_size = CHUNK if writer.single else writer.part_size
     try:
         with open_source() as stream:
-            while chunk := stream.read(CHUNK):
+            while chunk := stream.read(read_size):
                 writer.write(chunk)
                 progress(writer.offset)
         writer.commit(layer.size, layer.digest)

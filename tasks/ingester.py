@@ -187,7 +187,11 @@ class BlobWriter:
         return self._offset
 
     def write(self, data: bytes | memoryview) -> None:
-        """Hash and buffer; full parts go to the upload pool (at most ``parallelism`` in flight)."""
+        """Hash and buffer; full parts go to the upload pool (at most ``parallelism`` in flight).
+
+        Writes of exactly ``part_size`` bytes (what ``copy_blob`` does) are sent as they are,
+        without passing through the buffer: no copy of the part is made.
+        """
         self._offset += len(data)
         if self._offset > self.expected_size:
             self.abort()
@@ -196,9 +200,13 @@ class BlobWriter:
                 "its descriptor says"
             )
         self._sha.update(data)
+        if not self.single and not self._buffer and len(data) == self.part_size:
+            self._submit(data if isinstance(data, bytes) else bytes(data))
+            return
         self._buffer += data
         while not self.single and len(self._buffer) >= self.part_size:
-            chunk = bytes(self._buffer[: self.part_size])
+            with memoryview(self._buffer) as view:
+                chunk = bytes(view[: self.part_size])
             del self._buffer[: self.part_size]
             self._submit(chunk)
 

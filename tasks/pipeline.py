@@ -8,13 +8,16 @@ task id, so a caller follows ONE id from enqueue to the final result.
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-from celery import Task, chord, shared_task
+from celery import Signature, Task, chord, shared_task
 from celery.exceptions import Reject
+from celery.states import SUCCESS
 from celery.utils.time import get_exponential_backoff_interval
 
 from tasks import state
@@ -37,6 +40,9 @@ from tasks.sources import local as local_source
 from tasks.sources import s3 as s3_source
 from tasks.sources.common import LoadedCache, SourceError
 from worker.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from tasks.copy import CopyOutcome
 
 PERMANENT = (RequestError, SourceError, FormatError, DigestMismatchError, IngestError)
 
@@ -171,11 +177,45 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     )
     source = req.source.model_dump(mode="json", by_alias=True)
     target = req.target.model_dump(mode="json", by_alias=True)
-    header = [
-        copy_layer.s(export_id, source, target, layer_json).set(task_id=tid)
-        for layer_json, tid in zip(plan.to_json()["layers"], layer_ids, strict=True)
-    ]
+    header = _copy_tasks(export_id, source, target, plan.to_json()["layers"], layer_ids, settings)
     raise self.replace(chord(header, finalize.s(export_id)))
+
+
+def _copy_tasks(
+    export_id: str,
+    source: dict[str, Any],
+    target: dict[str, Any],
+    layers: list[dict[str, Any]],
+    layer_ids: list[str],
+    settings: Settings,
+) -> list[Signature[Any]]:
+    """A task per large layer; small layers (one PUT each) in batches of ``batch_layers``.
+
+    A task costs some fifty Redis commands (states, events, acks, chord counting) and two
+    process hops: more than copying a small blob. A batch copies its blobs with
+    ``upload_parallelism`` threads and still gives each layer's task id its final state.
+    """
+    tasks: list[Signature[Any]] = []
+    small: list[tuple[dict[str, Any], str]] = []
+    for layer, tid in zip(layers, layer_ids, strict=True):
+        if settings.batch_layers > 1 and int(layer["size"]) <= settings.part_size:
+            small.append((layer, tid))
+        else:
+            tasks.append(copy_layer.s(export_id, source, target, layer).set(task_id=tid))
+    for start in range(0, len(small), settings.batch_layers):
+        chunk = small[start : start + settings.batch_layers]
+        if len(chunk) == 1:
+            layer, tid = chunk[0]
+            tasks.append(copy_layer.s(export_id, source, target, layer).set(task_id=tid))
+            continue
+        ids = [tid for _, tid in chunk]
+        batch_id = str(uuid.uuid5(uuid.UUID(export_id), "batch " + " ".join(ids)))
+        tasks.append(
+            copy_layers.s(export_id, source, target, [layer for layer, _ in chunk], ids).set(
+                task_id=batch_id
+            )
+        )
+    return tasks
 
 
 @shared_task(bind=True, name="cacheship.copy_layer", max_retries=None)
@@ -253,6 +293,123 @@ def copy_layer(
     return {"digest": desc.digest, "size": desc.size}
 
 
+@shared_task(bind=True, name="cacheship.copy_layers", max_retries=None)
+def copy_layers(
+    self: Task[Any, Any],
+    export_id: str,
+    source: dict[str, Any],
+    target: dict[str, Any],
+    layers: list[dict[str, Any]],
+    layer_ids: list[str],
+) -> list[dict[str, Any]]:
+    """Copy a batch of small layers, ``upload_parallelism`` at a time.
+
+    Every layer's own task id gets the state a task of its own would leave (SUCCESS, or
+    FAILURE when the batch gives up), so progress reads the same. A retry runs the whole
+    batch again: layers already stored are found by HEAD and skipped. The return value is
+    the same on every run (the chord counts by value).
+    """
+    from tasks.copy import copy_blob
+
+    settings = get_settings()
+    req = parse_request({"source": source, "target": target})
+    client = client_for(_endpoint(req.target, settings))
+    descs = [desc_from_json(layer) for layer in layers]
+    retries = self.request.retries
+    backend: Any = self.backend
+    lock = threading.Lock()
+    done = {"layers": 0, "bytes": 0}
+    bytes_total = sum(d.size for d in descs)
+
+    def progress(_: int) -> None:
+        with lock:
+            meta: dict[str, Any] = {
+                "export_id": export_id,
+                "layers": len(descs),
+                "layers_done": done["layers"],
+                "bytes_done": done["bytes"],
+                "bytes_total": bytes_total,
+            }
+        self.send_event("task-progress", result=json.dumps(meta), **meta)
+
+    throttle = Throttle(progress, settings.progress_interval)
+
+    def copy_one(desc: Descriptor, tid: str) -> Exception | None:
+        try:
+            outcome = copy_blob(
+                lambda: _open_blob(req.source, desc.digest, settings),
+                client,
+                req.target,
+                desc,
+                head_forbidden=settings.s3_head_forbidden,
+                min_part_size=settings.part_size,
+            )
+        except Exception as exc:
+            return exc
+        _record_batched(backend, export_id, desc, tid, outcome, settings.result_expires)
+        with lock:
+            done["layers"] += 1
+            done["bytes"] += desc.size
+        throttle(0)
+        return None
+
+    workers = max(1, min(req.target.upload_parallelism, len(descs)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        errors = list(pool.map(copy_one, descs, layer_ids))
+    failed = [(d, tid, e) for d, tid, e in zip(descs, layer_ids, errors, strict=True) if e]
+    if not failed:
+        throttle(0, force=True)
+        return [{"digest": d.digest, "size": d.size} for d in descs]
+    final = [(d, tid, e) for d, tid, e in failed if not is_transient(e)]
+    if not final and retries < settings.copy_max_retries:
+        countdown = get_exponential_backoff_interval(2, retries, 60, full_jitter=True)
+        raise self.retry(exc=failed[0][2], countdown=countdown) from None
+    messages = []
+    for desc, tid, exc in failed:
+        step = layer_step(desc.digest)
+        if isinstance(exc, PERMANENT):
+            message = f"{step}: {exc}"
+        elif not is_transient(exc) or final:
+            message = f"{step}: {type(exc).__name__}: {exc}"
+        else:
+            message = f"{step}: gave up after {retries} retries: {exc}"
+        _give_up(client, req.target, desc.digest)
+        backend.mark_as_failure(tid, ExportFailed(message))
+        messages.append((is_transient(exc), message))
+    raise ExportFailed(sorted(messages)[0][1])
+
+
+def _record_batched(
+    backend: Any, export_id: str, desc: Descriptor, tid: str, outcome: CopyOutcome, ttl: int
+) -> None:
+    """A batched layer's outcome and its task id's SUCCESS state, in one Redis round trip.
+
+    What ``state.record_outcome`` and ``backend.store_result`` would write (and publish),
+    without their four round trips: nothing else ever writes a batched layer's task id.
+    """
+    result = {"digest": desc.digest, "size": desc.size, "status": outcome.action}
+    meta = backend._get_result_meta(result=result, state=SUCCESS, traceback=None, request=None)
+    meta["task_id"] = tid
+    value = backend.encode(meta)
+    key = backend.get_key_for_task(tid)
+    record = {
+        "action": outcome.action,
+        "bytes_sent": outcome.bytes_sent,
+        "bytes_resumed": outcome.bytes_resumed,
+    }
+    with backend.client.pipeline() as pipe:
+        pipe.hsetnx(
+            state.outcomes_key(export_id), desc.digest, json.dumps(record, separators=(",", ":"))
+        )
+        pipe.expire(state.outcomes_key(export_id), ttl)
+        if backend.expires:
+            pipe.setex(key, backend.expires, value)
+        else:
+            pipe.set(key, value)
+        pipe.publish(key, value)
+        pipe.execute()
+
+
 def _give_up(client: Any, target: S3Spec, digest: str) -> None:
     """A layer that will not be retried leaves no unfinished upload behind."""
     key = target.blob_key(digest)
@@ -264,7 +421,9 @@ def _give_up(client: Any, target: S3Spec, digest: str) -> None:
 
 
 @shared_task(bind=True, name="cacheship.finalize", max_retries=None)
-def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str) -> dict[str, Any]:
+def finalize(
+    self: Task[Any, Any], results: list[dict[str, Any] | list[dict[str, Any]]], export_id: str
+) -> dict[str, Any]:
     """Check every layer, then write config blob, manifest blob and the names, in that order."""
     settings = get_settings()
     redis = _redis(self)
@@ -287,12 +446,16 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         self.update_state(state=PROGRESS, meta={**base, "phase": phase, "current": current})
 
     try:
-        reported = {r["digest"] for r in results}
+        reported = {r["digest"] for r in _flatten(results)}
         unaccounted = [d.digest for d in plan.layers if d.digest not in reported]
         if unaccounted:
             raise IncompleteCacheError(f"layers not copied: {', '.join(unaccounted[:5])}")
         publish("verifying", "checking every layer is stored")
-        missing = missing_blobs(client, target, plan.layers, settings.s3_head_forbidden)
+        # A recorded outcome was written after S3 itself confirmed the blob (upload completed,
+        # or HEAD found it with its size) during this export: only the others are HEADed.
+        outcomes = state.load_outcomes(redis, export_id)
+        unconfirmed = [d for d in plan.layers if d.digest not in outcomes]
+        missing = missing_blobs(client, target, unconfirmed, settings.s3_head_forbidden)
         if missing:
             raise IncompleteCacheError(f"layers missing from the bucket: {', '.join(missing[:5])}")
         config_name, manifest_name = steps[-2]["name"], steps[-1]["name"]
@@ -333,4 +496,12 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
     }
 
 
-__all__ = ["ExportFailed", "Reject", "copy_layer", "export", "finalize"]
+def _flatten(results: list[dict[str, Any] | list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Chord results: one dict per ``copy_layer``, a list of them per ``copy_layers``."""
+    flat: list[dict[str, Any]] = []
+    for item in results:
+        flat.extend(item if isinstance(item, list) else [item])
+    return flat
+
+
+__all__ = ["ExportFailed", "Reject", "copy_layer", "copy_layers", "export", "finalize"]

@@ -359,7 +359,8 @@ def run_demo(
             landed = [f"s3://{BUCKET}/{key}" for key in result.get("names", [])]
             cache_from = cache_from_line(target)
             say(f"landed:  {', '.join(landed)} on {stack.s3_url}")
-            say(f"Flower:  {stack.flower_url}/tasks")
+            later = "" if keep else "  (cacheship demo --keep leaves it running)"
+            say(f"Flower:  {stack.flower_url}/tasks{later}")
             say("import it from a real bucket with:")
             say(f"  {cache_from}")
             say(f"  (this demo's S3 server: add ,endpoint_url={stack.s3_url},use_path_style=true)")

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     progress_interval: float = Field(
         default=0.5, gt=0, description="Seconds between progress updates of a running step."
     )
+    batch_layers: int = Field(
+        default=32,
+        ge=1,
+        description="Small layers (one PUT each) copied by one task; 1: a task per layer.",
+    )
     heartbeat_file: Path | None = Field(
         default=None, description="File the worker touches while alive (liveness probe)."
     )

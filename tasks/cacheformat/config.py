@@ -117,14 +117,15 @@ def _time(value: object, where: str) -> GoTime:
     raise FormatError(f"expected an RFC 3339 time string, got {gojson.kind(value)}", where)
 
 
+# Go's int on the 64-bit platforms BuildKit runs on.
+_INT_MIN: Final = -(2**63)
+_INT_MAX: Final = 2**63 - 1
+
+
 def _int(value: object, where: str) -> int:
     if type(value) is int and _INT_MIN <= value <= _INT_MAX:
         return value
     return gojson.expect_int(value, where)
-
-
-_INT_MIN: Final = -(2**63)
-_INT_MAX: Final = 2**63 - 1
 
 
 def decode_config(data: bytes | str) -> CacheConfig:

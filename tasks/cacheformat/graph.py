@@ -136,6 +136,9 @@ class CacheGraph:
     def __init__(self) -> None:
         self._roots: dict[str, CacheNode] = {}
         self._count = 0
+        # id(chain) -> (chain, chain without its top layer), for chains built by the parser:
+        # lets marshal write a chain in one step when its parent chain is already written.
+        self._prefixes: dict[int, tuple[tuple[Descriptor, ...], tuple[Descriptor, ...]]] = {}
 
     @property
     def roots(self) -> Mapping[str, CacheNode]:
@@ -434,7 +437,7 @@ def _add_records(
 ) -> None:
     records = cfg.records
     nodes: list[CacheNode | None] = [None] * len(records)
-    chains = _Chains(cfg, descriptors)
+    chains = _Chains(cfg, descriptors, graph._prefixes)
     for index in order:
         record = records[index]
         results = chains.results(index)
@@ -457,17 +460,28 @@ def _add_records(
 class _Chains:
     """Layer chains of a config, each computed once (BuildKit's ``getRemoteChain``)."""
 
-    def __init__(self, cfg: CacheConfig, descriptors: Mapping[str, Descriptor]) -> None:
+    def __init__(
+        self,
+        cfg: CacheConfig,
+        descriptors: Mapping[str, Descriptor],
+        prefixes: dict[int, tuple[tuple[Descriptor, ...], tuple[Descriptor, ...]]],
+    ) -> None:
         self._cfg = cfg
         self._descriptors = descriptors
+        self._prefixes = prefixes
         # layer index -> descriptors root first, or None when a blob has no descriptor
         self._memo: dict[int, tuple[Descriptor, ...] | None] = {}
 
     def results(self, index: int) -> list[ExportResult]:
         record = self._cfg.records[index]
         out = []
+        memo = self._memo
         for k, result in enumerate(record.results):
-            chain = self.chain(result.layer, f"records[{index}].layers[{k}].layer")
+            layer = result.layer
+            if layer in memo:
+                chain = memo[layer]
+            else:
+                chain = self.chain(layer, f"records[{index}].layers[{k}].layer")
             if chain is not None:
                 out.append(ExportResult(result.created_at, chain))
         layers = self._cfg.layers
@@ -523,6 +537,10 @@ class _Chains:
             index = layer.parent
         chain = base
         for layer_index, descriptor in reversed(path):
-            chain = None if chain is None else (*chain, descriptor)
+            if chain is not None:
+                parent = chain
+                chain = (*parent, descriptor)
+                if parent:
+                    self._prefixes[id(chain)] = (chain, parent)
             memo[layer_index] = chain
         return chain

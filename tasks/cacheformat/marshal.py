@@ -8,11 +8,14 @@ follow BuildKit step by step:
 2. A node keeps one result, its newest; the result's layers are written root first and a
    layer entry is shared when the same blob sits on the same parent chain.
 3. Layers are sorted by blob, then by parent index as it was before sorting; records by
-   digest, then input shape, selectors and linked digests; indexes are renumbered.
+   digest, then input shape, selectors and linked digests; indexes are renumbered and the
+   links of a slot sorted by record index.
 
 BuildKit iterates Go maps (random order) where the order can matter only for ties; here
 leaves and links are visited in a canonical order (by digest and selector), so equal graphs
-give equal bytes whatever order they were built in.
+give equal bytes whatever order they were built in. One tie is not left to chance: links of
+a slot to the same record keep the order they were added in, which is what BuildKit writes
+in practice (Go walks a small map mostly in insertion order; the golden fixtures show it).
 """
 
 from __future__ import annotations
@@ -86,6 +89,10 @@ def _links(node: CacheNode) -> list[_Link]:
     """
     out: list[_Link] = []
     for slot, links in enumerate(node._parents):
+        if len(links) == 1:
+            for parent, selector in links:
+                out.append((slot, selector, parent, 0))
+            continue
         ranked = [(parent, selector, rank) for rank, (parent, selector) in enumerate(links)]
         ranked.sort(key=lambda link: (link[1], link[0].digest))
         out.extend((slot, selector, parent, rank) for parent, selector, rank in ranked)
@@ -95,7 +102,10 @@ def _links(node: CacheNode) -> list[_Link]:
 class _Writer:
     """Records and layers in the order BuildKit appends them, before the sort."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, prefixes: dict[int, tuple[tuple[Descriptor, ...], tuple[Descriptor, ...]]]
+    ) -> None:
+        self._prefixes = prefixes
         self.record_of: dict[CacheNode, int] = {}
         self.digests: list[str] = []
         self.slots: list[list[list[_Written]]] = []
@@ -104,8 +114,9 @@ class _Writer:
         self.layer_of: dict[tuple[str, int], int] = {}
         self.descriptors: dict[str, Descriptor] = {}
         self._converted: dict[int, Descriptor] = {}
-        # id(chain) -> (chain, top layer index); the chain is kept so its id stays unique
-        self._chain_top: dict[int, tuple[tuple[Descriptor, ...], int | None]] = {}
+        # id(chain) -> (chain, top layer index or -1); the chain is kept so its id stays
+        # unique
+        self._chain_top: dict[int, tuple[tuple[Descriptor, ...], int]] = {}
 
     def write(self, start: CacheNode) -> None:
         """Write ``start`` after everything it links to (iteratively: graphs can be deep)."""
@@ -146,32 +157,63 @@ class _Writer:
             self.results.append(result)
 
     def _chain(self, chain: tuple[Descriptor, ...]) -> int | None:
-        """Add a result's layers (root first); return the index of its top layer."""
-        known = self._chain_top.get(id(chain))
-        if known is not None:
-            # The same chain object again (records sharing a result): nothing new to add.
-            return known[1]
-        top = self._add_chain(chain)
-        self._chain_top[id(chain)] = (chain, top)
-        return top
+        """Add a result's layers (root first); return the index of its top layer.
 
-    def _add_chain(self, chain: tuple[Descriptor, ...]) -> int | None:
-        parent = -1
-        for descriptor in chain:
-            converted = self._converted.get(id(descriptor))
-            if converted is None:
-                converted = descriptor.with_media_type(
-                    layer_media_type(descriptor.media_type, oci=True)
-                )
-                self._converted[id(descriptor)] = converted
-            self.descriptors[descriptor.digest] = converted
-            key = (descriptor.digest, parent)
-            index = self.layer_of.get(key)
-            if index is None:
-                index = self.layer_of[key] = len(self.layers)
-                self.layers.append(key)
-            parent = index
-        return None if parent == -1 else parent
+        Chains are written once each (results share them), and a chain whose parent chain
+        is already written costs one step when the graph knows its prefix.
+        """
+        pending = []
+        current = chain
+        while True:
+            known = self._chain_top.get(id(current))
+            if known is not None and known[0] is current:
+                top = known[1]
+                break
+            prefix = self._prefixes.get(id(current))
+            if prefix is None or prefix[0] is not current:
+                top = -1
+                for descriptor in current:
+                    top = self._layer(descriptor, top)
+                self._chain_top[id(current)] = (current, top)
+                break
+            pending.append(current)
+            current = prefix[1]
+        while pending:
+            current = pending.pop()
+            top = self._layer(current[-1], top)
+            self._chain_top[id(current)] = (current, top)
+        return None if top == -1 else top
+
+    def _layer(self, descriptor: Descriptor, parent: int) -> int:
+        """The index of ``descriptor``'s blob on the layer at ``parent``, added if new."""
+        converted = self._converted.get(id(descriptor))
+        if converted is None:
+            converted = descriptor.with_media_type(
+                layer_media_type(descriptor.media_type, oci=True)
+            )
+            self._converted[id(descriptor)] = converted
+        self.descriptors[descriptor.digest] = converted
+        key = (descriptor.digest, parent)
+        index = self.layer_of.get(key)
+        if index is None:
+            index = self.layer_of[key] = len(self.layers)
+            self.layers.append(key)
+        return index
+
+    def _record_key(self, record: int) -> tuple[object, ...]:
+        """BuildKit's record order: digest, number of slots, then slot by slot the slot's
+        length and each link's selector and linked digest."""
+        digests = self.digests
+        key: list[object] = [digests[record], len(self.slots[record])]
+        for links in self.slots[record]:
+            if len(links) > 1:
+                # BuildKit's order inside a slot comes from a Go map; make it canonical.
+                links.sort(key=lambda link: (link[0], digests[link[1]]))
+            key.append(len(links))
+            for selector, index, _rank in links:
+                key.append(selector)
+                key.append(digests[index])
+        return tuple(key)
 
     def config(self) -> CacheConfig:
         """Sort and renumber as BuildKit's ``sortConfig`` does."""
@@ -185,19 +227,19 @@ class _Writer:
             layers.append(CacheLayer(blob, -1 if parent == -1 else new_layer[parent]))
 
         digests = self.digests
-        keys: list[tuple[object, ...]] = []
-        for digest, slots in zip(digests, self.slots, strict=True):
-            key: list[object] = [digest, len(slots)]
-            for links in slots:
-                if len(links) > 1:
-                    # BuildKit's order inside a slot comes from a Go map; make it canonical.
-                    links.sort(key=lambda link: (link[0], digests[link[1]]))
-                key.append(len(links))
-                for selector, index, _rank in links:
-                    key.append(selector)
-                    key.append(digests[index])
-            keys.append(tuple(key))
-        record_order = sorted(range(len(digests)), key=keys.__getitem__)
+        # Sorting by digest alone gives the final order except among records that share
+        # a digest; only those need the full key (sorts are stable, and the full key
+        # starts with the digest).
+        record_order = sorted(range(len(digests)), key=digests.__getitem__)
+        start = 0
+        while start < len(record_order):
+            end = start + 1
+            digest = digests[record_order[start]]
+            while end < len(record_order) and digests[record_order[end]] == digest:
+                end += 1
+            if end - start > 1:
+                record_order[start:end] = sorted(record_order[start:end], key=self._record_key)
+            start = end
         new_record = [0] * len(record_order)
         for position, old in enumerate(record_order):
             new_record[old] = position
@@ -226,7 +268,7 @@ def marshal(graph: CacheGraph, *, allow_empty: bool = False) -> Marshalled:
     ``allow_empty`` returns the layer-less config instead, as BuildKit's ``Marshal`` does.
     """
     with paused_gc():
-        writer = _Writer()
+        writer = _Writer(graph._prefixes)
         for leaf in sorted(graph.leaves(), key=_node_key):
             writer.write(leaf)
         if not writer.layers and not allow_empty:
@@ -252,6 +294,7 @@ def normalize(data: bytes | str) -> bytes:
     with paused_gc():
         cfg = decode_config(data)
         graph = parse_graph(cfg, descriptors_from_annotations(cfg))
+        del cfg  # a large config is freed before the marshalled copy is built
         return encode_config(marshal(graph, allow_empty=True).config)
 
 

@@ -80,7 +80,7 @@ def test_demo_runs_end_to_end_and_cleans_up() -> None:
     assert "  sha256   5 blobs read back and hashed" in out
     assert "  sound" in out
     assert f"landed:  s3://cacheship-demo/manifests/buildkit on {s3_url}" in out
-    assert f"Flower:  {flower_url}/tasks" in out
+    assert f"Flower:  {flower_url}/tasks  (cacheship demo --keep leaves it running)" in out
     assert (
         "docker buildx build --cache-from "
         "type=s3,region=us-east-1,bucket=cacheship-demo,name=buildkit ." in out

@@ -27,7 +27,7 @@ from tests.faultproxy import FaultPlan, FaultProxy
 from tests.integration.test_export import assert_sound_cache
 from tests.stack import Worker, s3_client, worker_env
 from worker.client import Client, ExportError
-from worker.embedded import ServerProcess
+from worker.embedded import ServerProcess, start_redis
 from worker.samplecache import SampleCache, write_sample_cache
 
 MiB = 1024 * 1024
@@ -301,9 +301,16 @@ def test_export_survives_repeated_sigkills_in_the_middle_of_large_layers(
 
     start_one()
     start_one()
+    names = ["main", "ci"]
+    # The names already point at an older cache: the watcher checks them all along.
+    older = write_sample_cache(source_root / "older", [1 * MiB, 200_000], seed=20)
+    client.wait(
+        client.submit({"source": local(older), "target": target(bucket, name=names)}),
+        timeout=60,
+        interval=0.2,
+    )
     watcher = NameWatcher(s3_server.url, bucket)
     watcher.start()
-    names = ["main", "ci"]
     export_id = client.submit(
         {"source": local(cache), "target": target(bucket, name=names, upload_parallelism=2)}
     )
@@ -485,3 +492,94 @@ def test_two_overlapping_exports_to_one_bucket_both_complete_sharing_blobs(
         f"\noverlap: {len(common)} shared blobs; bytes sent by both {sent} of {total} "
         f"requested ({sum(r['layers_skipped'] for r in results)} layers skipped)"
     )
+
+
+# --------------------------------------------------------------------------- Redis restarts
+
+
+def restart_redis(server: ServerProcess, *extra_args: str) -> ServerProcess:
+    """Stop the server process and start a new one on the same port."""
+    server.stop()
+    return start_redis(port=server.port, extra_args=extra_args)
+
+
+@pytest.mark.slow
+def test_redis_restart_with_persistence_during_an_export_completes(
+    proxy: FaultProxy,
+    source_root: Path,
+    workers: Callable[..., Worker],
+    s3: Any,
+    bucket: str,
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    durable = ("--dir", str(data), "--appendonly", "yes", "--appendfsync", "always")
+    redis = start_redis(extra_args=durable)
+    try:
+        cache = write_sample_cache(
+            source_root / "app", [24 * MiB, 12 * MiB, 4 * MiB, 300_000], seed=41
+        )
+        proxy.plan = FaultPlan(bandwidth=4 * MiB)
+        env = proxied_env(redis.url, proxy, source_root, CACHESHIP_PROGRESS_INTERVAL="0.2")
+        pool = [workers(env, name="a", concurrency=2), workers(env, name="b", concurrency=1)]
+        client = Client(redis.url)
+        export_id = client.submit({"source": local(cache), "target": target(bucket)})
+        deadline = time.monotonic() + 60
+        while not busy_layers(client, export_id, cache):
+            assert time.monotonic() < deadline, "no layer was ever being copied"
+            time.sleep(0.05)
+        redis = restart_redis(redis, *durable)
+        result = client.wait(export_id, timeout=150, interval=0.2)
+        assert_sound_cache(s3, bucket, result, cache, ["buildkit"])
+        assert open_uploads(s3, bucket) == []
+        logs = "".join(w.log() for w in pool)
+        assert "Connection to broker lost" in logs or "Cannot connect to redis" in logs
+        # The workers keep serving after the restart.
+        again = client.wait(
+            client.submit({"source": local(cache), "target": target(bucket, name="again")}),
+            timeout=60,
+            interval=0.2,
+        )
+        assert again["layers_skipped"] == len(cache.layers)
+    finally:
+        redis.stop()
+
+
+@pytest.mark.slow
+def test_redis_restart_that_loses_its_data_fails_the_export_clearly_and_never_hangs(
+    redis_server: ServerProcess,
+    proxy: FaultProxy,
+    source_root: Path,
+    workers: Callable[..., Worker],
+    client: Client,
+    s3: Any,
+    bucket: str,
+) -> None:
+    cache = write_sample_cache(source_root / "app", [24 * MiB, 12 * MiB, 4 * MiB, 300_000], seed=42)
+    proxy.plan = FaultPlan(bandwidth=4 * MiB)
+    env = proxied_env(redis_server.url, proxy, source_root, CACHESHIP_PROGRESS_INTERVAL="0.2")
+    workers(env, name="a", concurrency=2)
+    export_id = client.submit({"source": local(cache), "target": target(bucket)})
+    deadline = time.monotonic() + 60
+    while not busy_layers(client, export_id, cache):
+        assert time.monotonic() < deadline, "no layer was ever being copied"
+        time.sleep(0.05)
+    fresh = restart_redis(redis_server)  # no persistence: queue, plan and results are gone
+    try:
+        started = time.monotonic()
+        with pytest.raises(ExportError) as lost:
+            client.wait(export_id, timeout=120, interval=0.2)
+        assert export_id in str(lost.value) and "no record" in str(lost.value)
+        assert time.monotonic() - started < 60
+        # No name was written for the lost export; the workers serve new ones.
+        assert keys(s3, bucket, "manifests/") == []
+        result = client.wait(
+            client.submit({"source": local(cache), "target": target(bucket)}),
+            timeout=120,
+            interval=0.2,
+        )
+        assert_sound_cache(s3, bucket, result, cache, ["buildkit"])
+        assert open_uploads(s3, bucket) == []
+    finally:
+        fresh.stop()

@@ -219,3 +219,26 @@ def test_decode_refuses_large_and_trailing_manifests() -> None:
     with pytest.raises(FormatError, match="manifest is too large"):
         decode_manifest(padded)
     assert decode_manifest(padded, max_size=None).config == config
+
+
+def test_descriptors_are_validated_and_frozen() -> None:
+    d = Descriptor(OCI, dg(1), 0)
+    assert d.annotations == {}
+    assert d.to_json() == f'{{"mediaType":"{OCI}","digest":"{dg(1)}","size":0}}'
+    annotated = Descriptor("", dg(1), 5, {"z": "<", "a": "1"})
+    assert annotated.to_json() == (
+        f'{{"mediaType":"","digest":"{dg(1)}","size":5,"annotations":{{"a":"1","z":"\\u003c"}}}}'
+    )
+    source = {"a": "1"}
+    copy = Descriptor(OCI, dg(1), 1, source)
+    source["a"] = "2"
+    assert copy.annotations == {"a": "1"}
+    assert hash(copy) == hash(Descriptor(OCI, dg(1), 1, {"a": "1"}))
+    with pytest.raises(AttributeError):
+        copy.size = 2  # type: ignore[misc]
+    with pytest.raises(FormatError, match="size must be a non-negative integer"):
+        Descriptor(OCI, dg(1), -1)
+    with pytest.raises(FormatError, match="digest must be sha256"):
+        Descriptor(OCI, "sha256:abc", 1)
+    with pytest.raises(FormatError, match="annotations must map strings to strings"):
+        Descriptor(OCI, dg(1), 1, {"a": 1})  # type: ignore[dict-item]

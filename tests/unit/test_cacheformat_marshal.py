@@ -304,3 +304,27 @@ def test_normalising_is_idempotent(value: dict[str, Any]) -> None:
     assert again == canonical
     assert s3_again == s3_form
     assert normalize(s3_form) == canonical
+
+
+def test_collector_is_restored_after_large_work() -> None:
+    import gc
+
+    from tasks.cacheformat.gcpause import paused_gc
+
+    assert gc.isenabled()
+    with paused_gc():
+        assert not gc.isenabled()
+        with paused_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(FormatError):
+        normalize(b"[]")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from tasks.request import S3Spec
-from tasks.verify import check_config
 from tasks.verify import cache_from_line as line_for
+from tasks.verify import check_config
 
 BLOB = "sha256:" + "1" * 64
 DIFF = "sha256:" + "2" * 64

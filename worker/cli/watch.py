@@ -89,6 +89,18 @@ class StepView:
             return 0.0
         return (self.finished or time.monotonic()) - self.started
 
+    def short_mark(self) -> str:
+        """One word for a progress bar: the error itself is printed once the view ends."""
+        if self.failed:
+            return "failed"
+        if self.done:
+            return self.action
+        if self.state == "RETRY":
+            return "retrying"
+        if self.running:
+            return "writing" if self.kind != "layer" else self.status
+        return "waiting"
+
     def mark(self) -> str:
         if self.failed:
             return f"failed: {self.error}" if self.error else "failed"
@@ -218,7 +230,7 @@ class Tracker:
 
 def display_name(name: str, width: int) -> str:
     """The step name, its digest shortened on a narrow terminal."""
-    if width >= 160:
+    if width >= 180:
         return name
     head, _, digest = name.rpartition(" ")
     return f"{head} {short_digest(digest)}" if digest.startswith("sha256:") else name
@@ -339,7 +351,7 @@ class RichView:
                 self.ids[name] = task_id
             if view.started is not None and not self.progress.tasks[task_id].started:
                 self.progress.start_task(task_id)
-            mark = view.mark()
+            mark = view.short_mark()
             style = ""
             if view.failed:
                 style = "red"
