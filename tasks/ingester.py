@@ -196,8 +196,7 @@ class BlobWriter:
         if self._offset > self.expected_size:
             self.abort()
             raise DigestMismatchError(
-                f"{self.expected_digest}: source has more than the {self.expected_size} bytes "
-                "its descriptor says"
+                f"source has more than the {self.expected_size} bytes its descriptor says"
             )
         self._sha.update(data)
         if not self.single and not self._buffer and len(data) == self.part_size:
@@ -250,11 +249,11 @@ class BlobWriter:
         actual = "sha256:" + self._sha.hexdigest()
         if self._offset != size or size != self.expected_size:
             raise DigestMismatchError(
-                f"{self.expected_digest}: source has {self._offset} bytes, descriptor says {size}"
+                f"source has {self._offset} bytes, descriptor says {size}"
             )
         if actual != digest or digest != self.expected_digest:
             raise DigestMismatchError(
-                f"{self.expected_digest}: content does not match its digest (got {actual})"
+                f"content does not match its digest (got {actual})"
             )
 
     def commit(self, size: int, digest: str) -> None:

@@ -8,6 +8,8 @@ healthy long copy), JSON only (pickle refused), events on (Flower shows every st
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from worker.settings import Settings, get_settings
@@ -59,4 +61,13 @@ def configure(app: Celery, settings: Settings) -> None:
 
 
 app = Celery("cacheship", include=["tasks.pipeline", "worker.health"])
-configure(app, get_settings())
+
+
+@app.on_configure.connect
+def _from_environment(sender: Celery, **_: Any) -> None:
+    """Read the settings when the configuration is first needed, not at import.
+
+    Importing ``worker`` (the command line does) then never fails on a bad setting; the
+    error surfaces where it can be reported as one line.
+    """
+    configure(sender, get_settings())

@@ -112,4 +112,4 @@ def open_blob(spec: LocalSpec, roots: Sequence[Path], digest: str) -> BinaryIO:
     try:
         return blob_path(directory, digest).open("rb")
     except FileNotFoundError:
-        raise MissingBlobError(f"layer {digest}: missing from the source") from None
+        raise MissingBlobError("blob missing from the source directory") from None

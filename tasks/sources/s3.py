@@ -46,6 +46,6 @@ def open_blob(spec: S3Spec, client: S3Client, digest: str) -> BinaryIO:
         obj = client.get_object(Bucket=spec.bucket, Key=spec.blob_key(digest))
     except ClientError as exc:
         if is_not_found(exc):
-            raise MissingBlobError(f"layer {digest}: missing from the source bucket") from None
+            raise MissingBlobError("blob missing from the source bucket") from None
         raise
     return cast(BinaryIO, obj["Body"])

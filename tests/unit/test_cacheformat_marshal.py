@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 from typing import Any
@@ -28,6 +29,7 @@ from tasks.cacheformat import (
     parse_graph,
     s3_config_bytes,
 )
+from tasks.cacheformat.gcpause import paused_gc
 
 DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -307,10 +309,6 @@ def test_normalising_is_idempotent(value: dict[str, Any]) -> None:
 
 
 def test_collector_is_restored_after_large_work() -> None:
-    import gc
-
-    from tasks.cacheformat.gcpause import paused_gc
-
     assert gc.isenabled()
     with paused_gc():
         assert not gc.isenabled()
