@@ -305,7 +305,8 @@ def copy_layers(
     """Copy a batch of small layers, ``upload_parallelism`` at a time.
 
     Every layer's own task id gets the state a task of its own would leave (SUCCESS, or
-    FAILURE when the batch gives up), so progress reads the same. A retry runs the whole
+    FAILURE when the batch gives up), so progress reads the same; finished layers are
+    recorded together, at most every ``progress_interval`` seconds. A retry runs the whole
     batch again: layers already stored are found by HEAD and skipped. The return value is
     the same on every run (the chord counts by value).
     """
@@ -320,9 +321,12 @@ def copy_layers(
     lock = threading.Lock()
     done = {"layers": 0, "bytes": 0}
     bytes_total = sum(d.size for d in descs)
+    finished: list[tuple[Descriptor, str, CopyOutcome]] = []
 
-    def progress(_: int) -> None:
+    def progress(_: int = 0) -> None:
+        """Record the layers finished since the last call (one round trip), send an event."""
         with lock:
+            records, finished[:] = list(finished), []
             meta: dict[str, Any] = {
                 "export_id": export_id,
                 "layers": len(descs),
@@ -330,6 +334,7 @@ def copy_layers(
                 "bytes_done": done["bytes"],
                 "bytes_total": bytes_total,
             }
+        _record_batched(backend, export_id, records, settings.result_expires)
         self.send_event("task-progress", result=json.dumps(meta), **meta)
 
     throttle = Throttle(progress, settings.progress_interval)
@@ -346,8 +351,8 @@ def copy_layers(
             )
         except Exception as exc:
             return exc
-        _record_batched(backend, export_id, desc, tid, outcome, settings.result_expires)
         with lock:
+            finished.append((desc, tid, outcome))
             done["layers"] += 1
             done["bytes"] += desc.size
         throttle(0)
@@ -356,9 +361,9 @@ def copy_layers(
     workers = max(1, min(req.target.upload_parallelism, len(descs)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         errors = list(pool.map(copy_one, descs, layer_ids))
+    progress()
     failed = [(d, tid, e) for d, tid, e in zip(descs, layer_ids, errors, strict=True) if e]
     if not failed:
-        throttle(0, force=True)
         return [{"digest": d.digest, "size": d.size} for d in descs]
     final = [(d, tid, e) for d, tid, e in failed if not is_transient(e)]
     if not final and retries < settings.copy_max_retries:
@@ -380,33 +385,38 @@ def copy_layers(
 
 
 def _record_batched(
-    backend: Any, export_id: str, desc: Descriptor, tid: str, outcome: CopyOutcome, ttl: int
+    backend: Any,
+    export_id: str,
+    records: list[tuple[Descriptor, str, CopyOutcome]],
+    ttl: int,
 ) -> None:
-    """A batched layer's outcome and its task id's SUCCESS state, in one Redis round trip.
+    """Batched layers' outcomes and their task ids' SUCCESS states, in one Redis round trip.
 
-    What ``state.record_outcome`` and ``backend.store_result`` would write (and publish),
-    without their four round trips: nothing else ever writes a batched layer's task id.
+    What ``state.record_outcome`` and ``backend.store_result`` would write (and publish)
+    for each layer, without their four round trips per layer: nothing else ever writes a
+    batched layer's task id.
     """
-    result = {"digest": desc.digest, "size": desc.size, "status": outcome.action}
-    meta = backend._get_result_meta(result=result, state=SUCCESS, traceback=None, request=None)
-    meta["task_id"] = tid
-    value = backend.encode(meta)
-    key = backend.get_key_for_task(tid)
-    record = {
-        "action": outcome.action,
-        "bytes_sent": outcome.bytes_sent,
-        "bytes_resumed": outcome.bytes_resumed,
-    }
+    if not records:
+        return
+    outcomes = state.outcomes_key(export_id)
     with backend.client.pipeline() as pipe:
-        pipe.hsetnx(
-            state.outcomes_key(export_id), desc.digest, json.dumps(record, separators=(",", ":"))
-        )
-        pipe.expire(state.outcomes_key(export_id), ttl)
-        if backend.expires:
-            pipe.setex(key, backend.expires, value)
-        else:
-            pipe.set(key, value)
-        pipe.publish(key, value)
+        for desc, tid, outcome in records:
+            record = {
+                "action": outcome.action,
+                "bytes_sent": outcome.bytes_sent,
+                "bytes_resumed": outcome.bytes_resumed,
+            }
+            pipe.hsetnx(outcomes, desc.digest, json.dumps(record, separators=(",", ":")))
+            result = {"digest": desc.digest, "size": desc.size, "status": outcome.action}
+            meta = backend._get_result_meta(result, SUCCESS, None, None)
+            meta["task_id"] = tid
+            key, value = backend.get_key_for_task(tid), backend.encode(meta)
+            if backend.expires:
+                pipe.setex(key, backend.expires, value)
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)
+        pipe.expire(outcomes, ttl)
         pipe.execute()
 
 

@@ -8,7 +8,8 @@ naming the place at fault. The contract is ``docs/buildkit-cache-format.md``.
 
 Modules: ``errors``, ``digests``, ``gotime`` (Go's time values), ``gojson`` (Go's JSON
 rules), ``descriptor``, ``config`` (cache config model and codec), ``graph`` (cache graph
-and parser), ``marshal`` (normalised config, S3 form), ``mediatypes`` and ``manifests``.
+and parser), ``marshal`` (normalised config, S3 form), ``mediatypes`` and ``manifests``;
+``gcpause`` keeps Python's cycle collector out of the way while a large cache is processed.
 """
 
 from tasks.cacheformat.config import (

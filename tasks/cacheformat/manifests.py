@@ -100,15 +100,15 @@ _MANIFEST_FIELDS: Final = gojson.Fields("schemaVersion", "mediaType", "config", 
 _DESCRIPTOR_FIELDS: Final = gojson.Fields("mediaType", "digest", "size", "annotations")
 
 
-def decode_manifest(
-    data: bytes, *, max_size: int | None = MAX_IMPORT_BLOB_SIZE
-) -> ManifestContents:
+def decode_manifest(data: bytes, *, max_size: int | None = None) -> ManifestContents:
     """Read a cache manifest list, OCI index or image manifest as BuildKit's importer does.
 
     The type is inferred as BuildKit infers it (``mediaType``, else the keys present).
     Anything that is not a cache manifest (no cache config descriptor; an image manifest
-    whose config is not a cache config) is a FormatError, and so are a manifest or config
-    larger than ``max_size`` bytes, which BuildKit refuses to read (``None``: no limit).
+    whose config is not a cache config) is a FormatError. With ``max_size`` (BuildKit's
+    content importer uses :data:`MAX_IMPORT_BLOB_SIZE`), a larger manifest or config is a
+    FormatError too; by default there is no limit, since a cache too large for BuildKit's
+    content importer is still a valid source for the S3 layout, which has none.
     """
     if max_size is not None and len(data) > max_size:
         raise FormatError(f"manifest is too large ({len(data)} > {max_size} bytes)")

@@ -11,6 +11,7 @@ import pytest
 from tasks.cacheformat import (
     ANNOTATION_CREATED_AT,
     ANNOTATION_UNCOMPRESSED,
+    MAX_IMPORT_BLOB_SIZE,
     MEDIA_TYPE_CACHE_CONFIG,
     CacheGraph,
     Descriptor,
@@ -206,7 +207,7 @@ def test_decode_reads_what_buildkit_infers() -> None:
 )
 def test_decode_refusals(value: Any, expected: str) -> None:
     with pytest.raises(FormatError) as caught:
-        decode_manifest(json.dumps(value).encode())
+        decode_manifest(json.dumps(value).encode(), max_size=MAX_IMPORT_BLOB_SIZE)
     assert expected in str(caught.value)
 
 
@@ -217,8 +218,8 @@ def test_decode_refuses_large_and_trailing_manifests() -> None:
         decode_manifest(data + b"{}")
     padded = data[:-1] + b" " * (1 << 20) + b"}"
     with pytest.raises(FormatError, match="manifest is too large"):
-        decode_manifest(padded)
-    assert decode_manifest(padded, max_size=None).config == config
+        decode_manifest(padded, max_size=MAX_IMPORT_BLOB_SIZE)
+    assert decode_manifest(padded).config == config
 
 
 def test_descriptors_are_validated_and_frozen() -> None:
