@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tasks.cacheformat import decode_config, decode_manifest, descriptors_from_annotations
 
+from tasks.cacheformat import decode_config, decode_manifest, descriptors_from_annotations
 from tests.stack import Worker
 from worker.client import Client, ExportError
 from worker.embedded import ServerProcess
