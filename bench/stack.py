@@ -216,16 +216,19 @@ class MemoryPeak:
     pss_sum: float = 0.0
     hwm_max: float = 0.0
     per_process_hwm: dict[int, float] = field(default_factory=dict)
+    per_process_rss: dict[int, float] = field(default_factory=dict)
 
 
 def memory_now(pids: Iterable[int]) -> MemoryPeak:
     pids = list(pids)
     hwm = {pid: _status_kib(pid, "VmHWM") / 1024 for pid in pids}
+    rss = {pid: _status_kib(pid, "VmRSS") / 1024 for pid in pids}
     return MemoryPeak(
-        rss_sum=sum(_status_kib(pid, "VmRSS") for pid in pids) / 1024,
+        rss_sum=sum(rss.values()),
         pss_sum=sum(_pss_kib(pid) for pid in pids) / 1024,
         hwm_max=max(hwm.values(), default=0.0),
         per_process_hwm=hwm,
+        per_process_rss=rss,
     )
 
 

@@ -34,6 +34,20 @@ class CopyOutcome:
     bytes_resumed: int = 0
 
 
+def _read(stream: BinaryIO, size: int) -> bytes | bytearray:
+    """Up to ``size`` bytes; straight into a new bytearray when the stream can."""
+    readinto = getattr(stream, "readinto", None)
+    if readinto is None:
+        return stream.read(size)
+    buffer = bytearray(size)
+    got = 0
+    with memoryview(buffer) as view:
+        while got < size and (n := readinto(view[got:])):
+            got += n
+    del buffer[got:]
+    return buffer
+
+
 def copy_blob(
     open_source: Callable[[], AbstractContextManager[BinaryIO]],
     client: S3Client,
@@ -63,11 +77,11 @@ def copy_blob(
         min_part_size=min_part_size,
         parallelism=target.upload_parallelism,
     )
-    # Whole parts per read: the writer then sends each one without copying it.
+    # Whole parts per read, into bytearrays: the writer then sends each one without a copy.
     read_size = CHUNK if writer.single else writer.part_size
     try:
         with open_source() as stream:
-            while chunk := stream.read(read_size):
+            while chunk := _read(stream, read_size):
                 writer.write(chunk)
                 progress(writer.offset)
         writer.commit(layer.size, layer.digest)

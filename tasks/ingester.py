@@ -186,11 +186,13 @@ class BlobWriter:
         """Bytes written so far (hashed, whether sent or found already stored)."""
         return self._offset
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Hash and buffer; full parts go to the upload pool (at most ``parallelism`` in flight).
 
-        Writes of exactly ``part_size`` bytes (what ``copy_blob`` does) are sent as they are,
-        without passing through the buffer: no copy of the part is made.
+        A write of exactly ``part_size`` bytes (what ``copy_blob`` does) skips the buffer; a
+        bytearray is then sent as it is (the caller hands it over and must not reuse it).
+        Parts go to botocore as bytearrays because it checksums, signs and sends those in one
+        piece, where a bytes body is wrapped in a file object and sent in 8 KiB blocks.
         """
         self._offset += len(data)
         if self._offset > self.expected_size:
@@ -200,16 +202,16 @@ class BlobWriter:
             )
         self._sha.update(data)
         if not self.single and not self._buffer and len(data) == self.part_size:
-            self._submit(data if isinstance(data, bytes) else bytes(data))
+            self._submit(data if isinstance(data, bytearray) else bytearray(data))
             return
         self._buffer += data
         while not self.single and len(self._buffer) >= self.part_size:
             with memoryview(self._buffer) as view:
-                chunk = bytes(view[: self.part_size])
+                chunk = bytearray(view[: self.part_size])
             del self._buffer[: self.part_size]
             self._submit(chunk)
 
-    def _submit(self, chunk: bytes) -> None:
+    def _submit(self, chunk: bytearray) -> None:
         number = self._next_part
         self._next_part += 1
         stored = self._stored.get(number)
@@ -224,7 +226,7 @@ class BlobWriter:
         assert self._pool is not None
         self._futures.append(self._pool.submit(self._send_part, number, chunk))
 
-    def _send_part(self, number: int, chunk: bytes) -> None:
+    def _send_part(self, number: int, chunk: bytearray) -> None:
         try:
             assert self._upload_id is not None
             result = self.client.upload_part(
@@ -241,9 +243,14 @@ class BlobWriter:
             self._slots.release()
 
     def _raise_failed_part(self) -> None:
+        """Raise a sent part's error; forget parts sent fine (a 10,000-part blob stays O(n))."""
+        pending = []
         for future in self._futures:
-            if future.done() and future.exception() is not None:
+            if not future.done():
+                pending.append(future)
+            elif future.exception() is not None:
                 raise future.exception()  # type: ignore[misc]
+        self._futures = pending
 
     def _check(self, size: int, digest: str) -> None:
         actual = "sha256:" + self._sha.hexdigest()
@@ -264,13 +271,13 @@ class BlobWriter:
             self.abort()
             raise
         if self.single:
-            body = bytes(self._buffer)
+            body = self._buffer
             self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body)
             self.bytes_sent += len(body)
             return
         if self._buffer or self._next_part == 1:
-            self._submit(bytes(self._buffer))
-            self._buffer.clear()
+            self._submit(self._buffer)
+            self._buffer = bytearray()
         self._wait_parts()
         parts: list[dict[str, Any]] = [
             {"PartNumber": n, "ETag": f'"{e}"'} for n, e in sorted(self._etags.items())

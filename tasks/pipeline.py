@@ -484,6 +484,10 @@ def finalize(
         raise ExportFailed(f"finalize: {type(exc).__name__}: {exc}") from None
 
     outcomes = state.load_outcomes(redis, export_id)
+    # The plan (megabytes for thousands of layers) is dead once the names are written; the
+    # result below carries everything a caller reads. A redelivered finalize never runs
+    # again: its result is SUCCESS (worker_deduplicate_successful_tasks).
+    state.drop_plan(redis, export_id)
     counts = {"uploaded": 0, "skipped": 0, "touched": 0}
     for item in outcomes.values():
         counts[item["action"]] = counts.get(item["action"], 0) + 1

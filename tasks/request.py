@@ -220,12 +220,15 @@ _FRIENDLY = {
 }
 
 
-def error_message(exc: ValidationError, root: str = "") -> str:
-    """One line per problem, each naming the field; input values are never echoed."""
+def error_message(exc: ValidationError, root: str = "", whole: str = "") -> str:
+    """One line per problem, each naming the field; input values are never echoed.
+
+    ``whole`` names the document for problems with no field (not JSON, not an object).
+    """
     lines = []
     for err in exc.errors(include_input=False, include_url=False):
         loc = ".".join(str(p) for p in err["loc"] if p not in ("local", "s3"))
-        where = ".".join(p for p in (root, loc) if p)
+        where = ".".join(p for p in (root, loc) if p) or whole
         msg = _FRIENDLY.get(err["type"], str(err["msg"]).removeprefix("Value error, "))
         lines.append(f"{where}: {msg}" if where else msg)
     return "; ".join(lines)
@@ -238,7 +241,7 @@ def parse_request(data: str | bytes | dict[str, Any]) -> ExportRequest:
             return ExportRequest.model_validate(data)
         return ExportRequest.model_validate_json(data)
     except ValidationError as exc:
-        raise RequestError(error_message(exc)) from None
+        raise RequestError(error_message(exc, whole="request")) from None
 
 
 def spec_items(text: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ class RedisLike(Protocol):
     def hsetnx(self, name: str, key: str, value: str) -> Any: ...
     def hgetall(self, name: str) -> Any: ...
     def expire(self, name: str, time: int) -> Any: ...
+    def delete(self, *names: str) -> Any: ...
 
 
 def plan_key(export_id: str) -> str:
@@ -40,6 +41,11 @@ def load_plan(redis: RedisLike, export_id: str) -> dict[str, Any]:
         raise LookupError(f"export {export_id}: its plan has expired or was never stored")
     plan: dict[str, Any] = json.loads(raw)
     return plan
+
+
+def drop_plan(redis: RedisLike, export_id: str) -> None:
+    """Forget a finished export's plan (its result holds what callers read)."""
+    redis.delete(plan_key(export_id))
 
 
 def record_outcome(

@@ -11,8 +11,15 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
+from celery.signals import worker_process_init
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from worker.settings import Settings, get_settings
+
+# About 17 s of retrying, for publishes and for every command on the result backend.
+PUBLISH_RETRY = {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2}
+REDIS_RETRIES = 12
 
 
 def configure(app: Celery, settings: Settings) -> None:
@@ -56,6 +63,9 @@ def configure(app: Celery, settings: Settings) -> None:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         broker_connection_timeout=10,
+        # A Redis restart or fail-over takes seconds: a message sent meanwhile (a retry, the
+        # chord's callback) waits that long instead of being lost after Celery's 0.6 s.
+        task_publish_retry_policy=PUBLISH_RETRY,
         timezone="UTC",
     )
 
@@ -71,3 +81,16 @@ def _from_environment(sender: Celery, **_: Any) -> None:
     error surfaces where it can be reported as one line.
     """
     configure(sender, get_settings())
+
+
+@worker_process_init.connect
+def _patient_redis(**_: Any) -> None:
+    """Let each pool process ride out a Redis restart instead of failing its task.
+
+    Celery retries its own result writes, but the bookkeeping (plan, outcomes) and the
+    chord's counting use the backend's Redis client directly, whose connections retry a
+    command once, at once. Give them a backoff that spans a restart.
+    """
+    client: Any = getattr(app.backend, "client", None)  # the Redis backend's client
+    if client is not None:
+        client.set_retry(Retry(ExponentialBackoff(cap=2.0, base=0.1), REDIS_RETRIES))

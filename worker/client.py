@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery import Celery
+from celery import Celery, uuid
 from celery.result import AsyncResult
 
 from tasks.request import ExportRequest, parse_request
@@ -25,6 +25,13 @@ from worker.settings import Settings
 
 EXPORT_TASK = "cacheship.export"
 READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+# How long wait() tolerates an export that Redis has no trace of before calling it lost.
+LOST_AFTER = 3.0
+
+
+def submitted_key(export_id: str) -> str:
+    """Written before the export is enqueued: Redis knows every export it ever accepted."""
+    return f"cacheship-submitted-{export_id}"
 
 
 class ExportError(RuntimeError):
@@ -90,7 +97,22 @@ class Client:
         if not isinstance(request, ExportRequest):
             request = parse_request(request)
         body = request.model_dump(mode="json", by_alias=True)
-        return str(self.app.send_task(EXPORT_TASK, args=[body]).id)
+        export_id = uuid()
+        self._redis().set(submitted_key(export_id), "1", ex=self.app.conf.result_expires)
+        return str(self.app.send_task(EXPORT_TASK, args=[body], task_id=export_id).id)
+
+    def _redis(self) -> Any:
+        return self.app.backend.client  # type: ignore[attr-defined]
+
+    def lost(self, export_id: str) -> bool:
+        """True when Redis has no trace of the export: neither a state nor its submission.
+
+        That happens when Redis lost its data (restarted without persistence) or the
+        records expired; nothing will ever finish such an export.
+        """
+        return self._result(export_id).state == "PENDING" and not self._redis().exists(
+            submitted_key(export_id)
+        )
 
     def _result(self, task_id: str) -> AsyncResult[Any]:
         return AsyncResult(task_id, app=self.app)
@@ -181,12 +203,22 @@ class Client:
     ) -> dict[str, Any]:
         """The final result, or ExportError with the worker's message."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        missing_since: float | None = None
         while True:
             snap = self.snapshot(export_id, with_steps=False)
             if snap.state == "SUCCESS":
                 return snap.result or {}
             if snap.state in READY:
                 raise ExportError(snap.error or snap.state)
+            if snap.state == "PENDING" and self.lost(export_id):
+                missing_since = missing_since or time.monotonic()
+                if time.monotonic() - missing_since >= LOST_AFTER:
+                    raise ExportError(
+                        f"export {export_id}: Redis has no record of it (lost when Redis "
+                        "restarted without persistence, or expired); submit it again"
+                    )
+            else:
+                missing_since = None
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"export {export_id} not finished after {timeout}s")
             time.sleep(interval)

@@ -26,7 +26,7 @@ from tasks.cacheformat import decode_config, descriptors_from_annotations
 from tests.faultproxy import FaultPlan, FaultProxy
 from tests.integration.test_export import assert_sound_cache
 from tests.stack import Worker, s3_client, worker_env
-from worker.client import Client, ExportError
+from worker.client import LOST_AFTER, Client, ExportError
 from worker.embedded import ServerProcess, start_redis
 from worker.samplecache import SampleCache, write_sample_cache
 
@@ -503,6 +503,37 @@ def restart_redis(server: ServerProcess, *extra_args: str) -> ServerProcess:
     return start_redis(port=server.port, extra_args=extra_args)
 
 
+class Supervisor:
+    """Restarts a worker whose process exited, as Kubernetes restarts a container."""
+
+    def __init__(self, start: Callable[[str], Worker], names: list[str]) -> None:
+        self.start = start
+        self.running = [start(name) for name in names]
+        self.restarts = 0
+
+    def check(self) -> None:
+        for index, worker in enumerate(self.running):
+            if worker.proc.poll() is not None:
+                self.restarts += 1
+                self.running[index] = self.start(f"{worker.name}-r{self.restarts}")
+
+    def logs(self) -> str:
+        return "".join(w.log() for w in self.running)
+
+
+def wait_supervised(
+    client: Client, export_id: str, supervisor: Supervisor, timeout: float
+) -> dict[str, Any]:
+    """Client.wait, restarting dead workers every few seconds meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        supervisor.check()
+        try:
+            return client.wait(export_id, timeout=LOST_AFTER + 2, interval=0.2)
+        except TimeoutError:
+            assert time.monotonic() < deadline, f"export {export_id} hangs"
+
+
 @pytest.mark.slow
 def test_redis_restart_with_persistence_during_an_export_completes(
     proxy: FaultProxy,
@@ -521,27 +552,36 @@ def test_redis_restart_with_persistence_during_an_export_completes(
             source_root / "app", [24 * MiB, 12 * MiB, 4 * MiB, 300_000], seed=41
         )
         proxy.plan = FaultPlan(bandwidth=4 * MiB)
-        env = proxied_env(redis.url, proxy, source_root, CACHESHIP_PROGRESS_INTERVAL="0.2")
-        pool = [workers(env, name="a", concurrency=2), workers(env, name="b", concurrency=1)]
+        env = proxied_env(
+            redis.url,
+            proxy,
+            source_root,
+            CACHESHIP_PROGRESS_INTERVAL="0.2",
+            CACHESHIP_VISIBILITY_TIMEOUT="10",
+        )
+        supervisor = Supervisor(lambda name: workers(env, name=name, concurrency=2), ["a", "b"])
         client = Client(redis.url)
-        export_id = client.submit({"source": local(cache), "target": target(bucket)})
+        export_id = client.submit(
+            {"source": local(cache), "target": target(bucket, upload_parallelism=2)}
+        )
         deadline = time.monotonic() + 60
         while not busy_layers(client, export_id, cache):
             assert time.monotonic() < deadline, "no layer was ever being copied"
             time.sleep(0.05)
         redis = restart_redis(redis, *durable)
-        result = client.wait(export_id, timeout=150, interval=0.2)
+        result = wait_supervised(client, export_id, supervisor, timeout=120)
         assert_sound_cache(s3, bucket, result, cache, ["buildkit"])
         assert open_uploads(s3, bucket) == []
-        logs = "".join(w.log() for w in pool)
-        assert "Connection to broker lost" in logs or "Cannot connect to redis" in logs
+        assert "Connection to broker lost" in supervisor.logs()
         # The workers keep serving after the restart.
-        again = client.wait(
+        again = wait_supervised(
+            client,
             client.submit({"source": local(cache), "target": target(bucket, name="again")}),
+            supervisor,
             timeout=60,
-            interval=0.2,
         )
         assert again["layers_skipped"] == len(cache.layers)
+        print(f"\nRedis restarted (data kept): complete; {supervisor.restarts} worker restarts")
     finally:
         redis.stop()
 
@@ -558,9 +598,17 @@ def test_redis_restart_that_loses_its_data_fails_the_export_clearly_and_never_ha
 ) -> None:
     cache = write_sample_cache(source_root / "app", [24 * MiB, 12 * MiB, 4 * MiB, 300_000], seed=42)
     proxy.plan = FaultPlan(bandwidth=4 * MiB)
-    env = proxied_env(redis_server.url, proxy, source_root, CACHESHIP_PROGRESS_INTERVAL="0.2")
-    workers(env, name="a", concurrency=2)
-    export_id = client.submit({"source": local(cache), "target": target(bucket)})
+    env = proxied_env(
+        redis_server.url,
+        proxy,
+        source_root,
+        CACHESHIP_PROGRESS_INTERVAL="0.2",
+        CACHESHIP_VISIBILITY_TIMEOUT="10",
+    )
+    supervisor = Supervisor(lambda name: workers(env, name=name, concurrency=2), ["a"])
+    export_id = client.submit(
+        {"source": local(cache), "target": target(bucket, upload_parallelism=2)}
+    )
     deadline = time.monotonic() + 60
     while not busy_layers(client, export_id, cache):
         assert time.monotonic() < deadline, "no layer was ever being copied"
@@ -569,17 +617,19 @@ def test_redis_restart_that_loses_its_data_fails_the_export_clearly_and_never_ha
     try:
         started = time.monotonic()
         with pytest.raises(ExportError) as lost:
-            client.wait(export_id, timeout=120, interval=0.2)
+            wait_supervised(client, export_id, supervisor, timeout=60)
         assert export_id in str(lost.value) and "no record" in str(lost.value)
-        assert time.monotonic() - started < 60
-        # No name was written for the lost export; the workers serve new ones.
+        assert time.monotonic() - started < 30
+        # No name was written for the lost export; the workers serve new exports.
         assert keys(s3, bucket, "manifests/") == []
-        result = client.wait(
+        result = wait_supervised(
+            client,
             client.submit({"source": local(cache), "target": target(bucket)}),
-            timeout=120,
-            interval=0.2,
+            supervisor,
+            timeout=90,
         )
         assert_sound_cache(s3, bucket, result, cache, ["buildkit"])
         assert open_uploads(s3, bucket) == []
+        print(f"\nRedis restarted (data lost): {lost.value}")
     finally:
         fresh.stop()
