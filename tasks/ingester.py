@@ -68,8 +68,13 @@ def stat(
     except ClientError as exc:
         if is_not_found(exc):
             return None
-        if error_code(exc) in ("403", "AccessDenied") and head_forbidden == "upload":
-            return None
+        if error_code(exc) in ("403", "AccessDenied"):
+            if head_forbidden == "upload":
+                return None
+            raise IngestError(
+                f"HEAD {key} answered 403 Forbidden (no s3:ListBucket right?); with "
+                "CACHESHIP_S3_HEAD_FORBIDDEN=upload a 403 counts as absent"
+            ) from None
         raise
     return BlobInfo(size=int(head["ContentLength"]), last_modified=head["LastModified"])
 
@@ -234,7 +239,7 @@ class BlobWriter:
                 Key=self.key,
                 UploadId=self._upload_id,
                 PartNumber=number,
-                Body=chunk,
+                Body=chunk,  # type: ignore[arg-type]  # bytearray is a blob to botocore
             )
             self._etags[number] = str(result["ETag"]).strip('"')
             with self._sent_lock:
@@ -272,7 +277,7 @@ class BlobWriter:
             raise
         if self.single:
             body = self._buffer
-            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body)
+            self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body)  # type: ignore[arg-type]
             self.bytes_sent += len(body)
             return
         if self._buffer or self._next_part == 1:

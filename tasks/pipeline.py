@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from celery import Signature, Task, chord, shared_task
 from celery.exceptions import Reject
 from celery.states import SUCCESS
+from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
 from tasks import state
@@ -43,6 +44,8 @@ from worker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from tasks.copy import CopyOutcome
+
+logger = get_task_logger(__name__)
 
 PERMANENT = (RequestError, SourceError, FormatError, DigestMismatchError, IngestError)
 
@@ -131,12 +134,19 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     """Validate, read and plan; then hand over to the copy chord under this task's id."""
     settings = get_settings()
     export_id = str(self.request.id)
+    # Results keep a task's args (result_extended): never the raw request, which may hold
+    # what validation refuses (credentials); the validated request replaces it.
+    self.request.args = []
     try:
         req = parse_request(request)
+        self.request.args = [req.model_dump(mode="json", by_alias=True)]
         _check_allowed(req.target, settings, "target")
         if isinstance(req.source, S3Spec):
             _check_allowed(req.source, settings, "source")
         plan = plan_export(_load(req.source, settings), req.target)
+        if isinstance(req.source, LocalSpec):
+            # A missing or wrong-sized layer file fails the export before any upload.
+            local_source.check_blobs(req.source, settings.source_roots, plan.layers)
     except EmptyCacheError as exc:
         return {"status": "empty", "message": str(exc), "layers": 0, "bytes_sent": 0}
     except PERMANENT as exc:
@@ -150,8 +160,10 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
                 f"reading the source: gave up after {self.request.retries} retries: {exc}"
             ) from None
         countdown = get_exponential_backoff_interval(2, self.request.retries, 60, full_jitter=True)
-        raise self.retry(exc=exc, countdown=countdown) from None
+        raise self.retry(args=(request,), exc=exc, countdown=countdown) from None
 
+    for warning in plan.warnings:
+        logger.warning("export %s: %s", export_id, warning)
     layer_ids = [str(uuid.uuid5(uuid.UUID(export_id), d.digest)) for d in plan.layers]
     steps = _steps(plan, layer_ids, export_id, req.target.image_manifest)
     state.save_plan(
@@ -505,6 +517,7 @@ def finalize(
         "bytes_total": plan.bytes_total,
         "bytes_sent": sum(int(o["bytes_sent"]) for o in outcomes.values()),
         "bytes_resumed": sum(int(o["bytes_resumed"]) for o in outcomes.values()),
+        "warnings": plan.warnings,
         "steps": steps,
         "completed_at": now_iso(),
     }

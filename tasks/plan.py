@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tasks.cacheformat import (
+    MAX_IMPORT_BLOB_SIZE,
     Descriptor,
     config_descriptor,
     encode_config,
@@ -37,6 +38,24 @@ class ExportPlan:
     @property
     def bytes_total(self) -> int:
         return sum(layer.size for layer in self.layers)
+
+    @property
+    def warnings(self) -> list[str]:
+        """What BuildKit would refuse when reading this cache back; the export still happens.
+
+        BuildKit's local and registry importers read at most 1 MiB of a cache manifest or
+        config: the content layout (``cache.manifest``) of a larger cache cannot be
+        imported that way. The S3 layout has no such limit.
+        """
+        found = []
+        for what, desc in (("config", self.config_desc), ("manifest", self.manifest_desc)):
+            if desc.size > MAX_IMPORT_BLOB_SIZE:
+                found.append(
+                    f"cache {what} {desc.digest} is {desc.size} bytes, over the "
+                    f"{MAX_IMPORT_BLOB_SIZE} bytes BuildKit's local and registry importers "
+                    "read: they cannot import this cache.manifest; type=s3 imports are fine"
+                )
+        return found
 
     def to_json(self) -> dict[str, Any]:
         """JSON-only, as every message and result is."""

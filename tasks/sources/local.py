@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tasks.cacheformat import (
+    Descriptor,
     FormatError,
     check_digest,
     decode_config,
     decode_manifest,
+    sha256_digest,
 )
 from tasks.request import LocalSpec
 from tasks.sources.common import MAX_METADATA_BYTES, LoadedCache, MissingBlobError, SourceError
@@ -96,14 +98,52 @@ def load(spec: LocalSpec, roots: Sequence[Path]) -> LoadedCache:
     entry = _pick_manifest(index, spec)
     try:
         digest = check_digest(entry.get("digest"), "index.json manifest digest")
-        manifest = decode_manifest(_read_small(blob_path(directory, digest), f"manifest {digest}"))
-        config_bytes = _read_small(
-            blob_path(directory, manifest.config.digest), f"config {manifest.config.digest}"
-        )
-        config = decode_config(config_bytes)
     except FormatError as exc:
         raise SourceError(str(exc)) from None
+    size = entry.get("size")
+    what = f"index.json manifest {digest}"
+    data = _read_verified(directory, digest, size if type(size) is int else None, what)
+    try:
+        manifest = decode_manifest(data)
+    except FormatError as exc:
+        raise SourceError(f"manifest {digest}: {exc}") from None
+    config_desc = manifest.config
+    what = f"config {config_desc.digest}"
+    config_bytes = _read_verified(directory, config_desc.digest, config_desc.size, what)
+    try:
+        config = decode_config(config_bytes)
+    except FormatError as exc:
+        raise SourceError(f"{what}: {exc}") from None
     return LoadedCache(config=config, descriptors={d.digest: d for d in manifest.layers})
+
+
+def _read_verified(directory: Path, digest: str, size: int | None, what: str) -> bytes:
+    """A small blob, refused unless it has the size and the digest its descriptor gives."""
+    data = _read_small(blob_path(directory, digest), what)
+    if size is not None and len(data) != size:
+        raise SourceError(f"{what}: has {len(data)} bytes, its descriptor says {size}")
+    if sha256_digest(data) != digest:
+        raise SourceError(f"{what}: content does not match its digest")
+    return data
+
+
+def check_blobs(spec: LocalSpec, roots: Sequence[Path], layers: Sequence[Descriptor]) -> None:
+    """Every layer file is there with its descriptor's size: refused before anything is copied.
+
+    (The bytes themselves are verified while they are copied.)
+    """
+    directory = resolve_source_dir(spec.src, roots)
+    for layer in layers:
+        path = blob_path(directory, layer.digest)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise MissingBlobError(f"layer {layer.digest}: missing from the source") from None
+        if size != layer.size:
+            raise SourceError(
+                f"layer {layer.digest}: the source has {size} bytes, its descriptor says "
+                f"{layer.size}"
+            )
 
 
 def open_blob(spec: LocalSpec, roots: Sequence[Path], digest: str) -> BinaryIO:
