@@ -517,9 +517,10 @@ def finalize(
         "bytes_total": plan.bytes_total,
         "bytes_sent": sum(int(o["bytes_sent"]) for o in outcomes.values()),
         "bytes_resumed": sum(int(o["bytes_resumed"]) for o in outcomes.values()),
-        "warnings": plan.warnings,
         "steps": steps,
         "completed_at": now_iso(),
+        # Only when there is something to say (e.g. a config over BuildKit's 1 MiB limit).
+        **({"warnings": plan.warnings} if plan.warnings else {}),
     }
 
 

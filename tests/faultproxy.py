@@ -249,6 +249,7 @@ class FaultProxy:
         self.port = int(self._listener.getsockname()[1])
         self.url = f"http://{LOOPBACK}:{self.port}"
         self._conns: set[socket.socket] = set()
+        self._idle: set[socket.socket] = set()  # waiting for their next request
         self._threads: list[threading.Thread] = []
         self._started = time.monotonic()
         self._acceptor = threading.Thread(target=self._accept_loop, name="faultproxy", daemon=True)
@@ -304,12 +305,15 @@ class FaultProxy:
             thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
             self._threads.append(thread)
             thread.start()
-        if not self._stopped.is_set():
-            self.stop_async()
-
-    def stop_async(self) -> None:
-        """Stop from a proxy thread (the limits were reached)."""
-        threading.Thread(target=self.stop, daemon=True).start()
+        # Out of budget: accept nothing more, drop idle connections; a request being
+        # answered is finished first (its thread then sees the budget spent and ends).
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        with self._lock:
+            idle = list(self._idle)
+        for conn in idle:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     # ------------------------------------------------------------------ decisions
 
@@ -334,10 +338,15 @@ class FaultProxy:
         try:
             while not self._expired():
                 pace = _Pacer(lambda: self.plan.bandwidth)
+                with self._lock:
+                    self._idle.add(conn)
                 try:
                     request = self._read_request(conn, rfile, pace)
                 except (_Closed, OSError, ValueError):
                     return
+                finally:
+                    with self._lock:
+                        self._idle.discard(conn)
                 plan = self.plan  # read now: a test may change it while a connection idles
                 with self._lock:
                     self.stats.requests += 1

@@ -269,14 +269,14 @@ def test_no_secret_in_redis_or_in_any_log_after_an_export_and_a_failure(
     source_root: Path,
     tmp_path: Path,
 ) -> None:
-    with FaultProxy(s3_server.url, FaultPlan(error_rate=0.15, cut_rate=0.05), seed=7) as proxy:
+    with FaultProxy(s3_server.url, FaultPlan(error_rate=0.08, cut_rate=0.04), seed=7) as proxy:
         env = worker_env(
             redis_server.url,
             proxy.url,
             source_root,
             CACHESHIP_PART_SIZE=str(5 * MiB),
-            CACHESHIP_S3_MAX_ATTEMPTS="2",
-            CACHESHIP_COPY_MAX_RETRIES="2",
+            CACHESHIP_S3_MAX_ATTEMPTS="3",
+            CACHESHIP_COPY_MAX_RETRIES="3",
         )
         # The most talkative worker there is: botocore and kombu log at DEBUG too.
         workers(env, name="debug", concurrency=2, extra_args=("--loglevel", "DEBUG"))
