@@ -125,7 +125,7 @@ def test_export_completes_through_20_percent_s3_faults_with_latency(
     assert open_uploads(s3, bucket) == []
     stats = proxy.stats
     print(f"\n20% faults: {stats.summary()}; {dict(stats.faults_by_operation)}")
-    assert stats.errors + stats.cuts >= 10, "faults were really injected"
+    assert stats.errors + stats.cuts >= 5, "faults were really injected"
     assert stats.requests > 50
 
 
