@@ -9,6 +9,7 @@ that ``--quick`` works end to end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -131,24 +132,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kind = args.server or servers.default_server()
     sizes = Sizes.quick() if args.quick else Sizes.full(args.runs)
     chosen = args.only or list(SCENARIOS)
-    scratch = Path(tempfile.mkdtemp(prefix="cacheship-bench-", dir=args.scratch))
     part_size = Settings().part_size
     rows: list[Row] = []
     info: dict[str, Any] = {"machine": machine(), "server": kind, "quick": args.quick}
-    _log(f"server: {kind}; scratch: {scratch}")
-    server = servers.start(kind)
-    redis_server = start_redis()
-    source_root = scratch / "sources"
-    source_root.mkdir()
-    cacheship = Cacheship(
-        redis=redis_server,
-        s3_url=server.url,
-        source_root=source_root,
-        log_dir=scratch,
-        concurrency=args.concurrency,
-    )
-    started = time.perf_counter()
-    try:
+    with contextlib.ExitStack() as cleanup:  # undone in reverse, however the run ends
+        scratch = Path(tempfile.mkdtemp(prefix="cacheship-bench-", dir=args.scratch))
+        cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
+        _log(f"server: {kind}; scratch: {scratch}")
+        server = servers.start(kind)
+        cleanup.callback(server.stop)
+        redis_server = start_redis()
+        cleanup.callback(redis_server.stop)
+        source_root = scratch / "sources"
+        source_root.mkdir()
+        cacheship = Cacheship(
+            redis=redis_server,
+            s3_url=server.url,
+            source_root=source_root,
+            log_dir=scratch,
+            concurrency=args.concurrency,
+        )
+        cleanup.callback(cacheship.stop)
+        started = time.perf_counter()
         cacheship.start()
         s3 = bench_client(server.url, args.concurrency * args.upload_parallelism)
         for bucket in ("cacheship-bench", "baseline-bench"):
@@ -180,11 +185,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for cache_dir in source_root.iterdir():
                 if cache_dir.name != "warmup":
                     shutil.rmtree(cache_dir, ignore_errors=True)
-    finally:
-        cacheship.stop()
-        redis_server.stop()
-        server.stop()
-        shutil.rmtree(scratch, ignore_errors=True)
     info.update(
         {
             "concurrency": args.concurrency,
