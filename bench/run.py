@@ -112,13 +112,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--scratch", type=Path, default=None, help="scratch directory (default: under /tmp)"
     )
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra worker setting, e.g. CACHESHIP_BATCH_LAYERS=32 (repeatable)",
+    )
     return parser.parse_args(argv)
 
 
 def _warm_up(ctx: Context) -> None:
     """Every pool process builds its S3 client and imports once before anything is timed."""
-    batch = Settings().batch_layers
-    cache = ctx.cache("warmup", [4 * KiB] * (2 * ctx.concurrency * batch))
+    cache = ctx.cache("warmup", [4 * KiB] * (16 * ctx.concurrency))
     prefix = new_prefix("warmup")
     try:
         ctx.export(cache, prefix)
@@ -151,6 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             source_root=source_root,
             log_dir=scratch,
             concurrency=args.concurrency,
+            env_extra=dict(item.split("=", 1) for item in args.worker_env),
         )
         cleanup.callback(cacheship.stop)
         started = time.perf_counter()

@@ -36,7 +36,7 @@ from tasks.progress import (
 )
 from tasks.publish import IncompleteCacheError, missing_blobs, put_blob, put_names
 from tasks.request import LocalSpec, RequestError, S3Spec, parse_request
-from tasks.s3client import S3Endpoint, client_for, is_transient
+from tasks.s3client import is_transient
 from tasks.sources import local as local_source
 from tasks.sources import s3 as s3_source
 from tasks.sources.common import LoadedCache, SourceError
@@ -54,19 +54,6 @@ class ExportFailed(Exception):
     """A permanent failure; the message names the step (and so the layer)."""
 
 
-def _endpoint(spec: S3Spec, settings: Settings) -> S3Endpoint:
-    return S3Endpoint(
-        endpoint_url=spec.endpoint_url or settings.s3_endpoint_url,
-        region=spec.region or settings.s3_region,
-        use_path_style=(
-            settings.s3_use_path_style if spec.use_path_style is None else spec.use_path_style
-        ),
-        request_checksum=settings.s3_request_checksum,
-        max_attempts=settings.s3_max_attempts,
-        max_pool_connections=max(32, spec.upload_parallelism * 2),
-    )
-
-
 def _check_allowed(spec: S3Spec, settings: Settings, role: str) -> None:
     if settings.allowed_buckets and spec.bucket not in settings.allowed_buckets:
         raise RequestError(f"{role}.bucket: {spec.bucket!r} is not in CACHESHIP_ALLOWED_BUCKETS")
@@ -75,7 +62,7 @@ def _check_allowed(spec: S3Spec, settings: Settings, role: str) -> None:
 def _load(source: LocalSpec | S3Spec, settings: Settings) -> LoadedCache:
     if isinstance(source, LocalSpec):
         return local_source.load(source, settings.source_roots)
-    return s3_source.load(source, client_for(_endpoint(source, settings)))
+    return s3_source.load(source, settings.s3_client(source))
 
 
 @contextmanager
@@ -83,7 +70,7 @@ def _open_blob(source: LocalSpec | S3Spec, digest: str, settings: Settings) -> I
     if isinstance(source, LocalSpec):
         stream = local_source.open_blob(source, settings.source_roots, digest)
     else:
-        stream = s3_source.open_blob(source, client_for(_endpoint(source, settings)), digest)
+        stream = s3_source.open_blob(source, settings.s3_client(source), digest)
     try:
         yield stream
     finally:
@@ -265,7 +252,7 @@ def copy_layer(
 
     throttle = Throttle(publish, settings.progress_interval)
     publish(0, "checking")
-    client = client_for(_endpoint(req.target, settings))
+    client = settings.s3_client(req.target)
     try:
         outcome = copy_blob(
             lambda: _open_blob(req.source, desc.digest, settings),
@@ -326,7 +313,7 @@ def copy_layers(
 
     settings = get_settings()
     req = parse_request({"source": source, "target": target})
-    client = client_for(_endpoint(req.target, settings))
+    client = settings.s3_client(req.target)
     descs = [desc_from_json(layer) for layer in layers]
     retries = self.request.retries
     backend: Any = self.backend
@@ -456,7 +443,7 @@ def finalize(
     plan = ExportPlan.from_json(stored["plan"])
     target = S3Spec.model_validate(stored["target"])
     steps: list[dict[str, Any]] = stored["steps"]
-    client = client_for(_endpoint(target, settings))
+    client = settings.s3_client(target)
     base = {
         "export_id": export_id,
         "layers": len(plan.layers),

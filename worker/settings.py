@@ -9,10 +9,16 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from tasks.request import S3Spec
+from tasks.s3client import S3Endpoint, client_for
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 
 def _split_list(value: object) -> object:
@@ -75,14 +81,33 @@ class Settings(BaseSettings):
         default=0.5, gt=0, description="Seconds between progress updates of a running step."
     )
     batch_layers: int = Field(
-        default=32,
+        default=1,
         ge=1,
-        description="Small layers (one PUT each) copied by one task; 1: a task per layer.",
+        description=(
+            "Small layers (one PUT each) copied by one task. 1 (the default): every layer is "
+            "its own task, seen as such in Flower; more trades that for throughput on caches "
+            "of thousands of tiny layers."
+        ),
     )
     heartbeat_file: Path | None = Field(
         default=None, description="File the worker touches while alive (liveness probe)."
     )
     log_level: str = Field(default="INFO", description="Worker log level.")
+
+    def s3_client(self, spec: S3Spec) -> S3Client:
+        """A client for the spec's bucket: its own endpoint and style, else these defaults."""
+        return client_for(
+            S3Endpoint(
+                endpoint_url=spec.endpoint_url or self.s3_endpoint_url,
+                region=spec.region or self.s3_region,
+                use_path_style=(
+                    self.s3_use_path_style if spec.use_path_style is None else spec.use_path_style
+                ),
+                request_checksum=self.s3_request_checksum,
+                max_attempts=self.s3_max_attempts,
+                max_pool_connections=max(32, spec.upload_parallelism * 2),
+            )
+        )
 
     @field_validator("source_roots", "allowed_buckets", mode="before")
     @classmethod

@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from tasks.request import S3Spec
-from tasks.s3client import S3Endpoint, client_for
 from tasks.verify import BlobCheck, VerifyReport, cache_from_line, verify_cache
 from worker.cli.common import EXIT_FAILED, EXIT_USAGE, fail, human_bytes, parse_option_spec
 from worker.cli.report import dumps
@@ -22,18 +21,7 @@ def s3_client(spec: S3Spec) -> S3Client:
     """boto3 with the spec's endpoint, else the CACHESHIP_S3_* defaults; AWS's credentials."""
     from worker.settings import Settings
 
-    settings = Settings()
-    return client_for(
-        S3Endpoint(
-            endpoint_url=spec.endpoint_url or settings.s3_endpoint_url,
-            region=spec.region or settings.s3_region,
-            use_path_style=(
-                settings.s3_use_path_style if spec.use_path_style is None else spec.use_path_style
-            ),
-            request_checksum=settings.s3_request_checksum,
-            max_attempts=settings.s3_max_attempts,
-        )
-    )
+    return Settings().s3_client(spec)
 
 
 def report_lines(report: VerifyReport) -> list[str]:
