@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from celery import Signature, Task, chord, shared_task
 from celery.exceptions import Reject
@@ -140,14 +140,7 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
         raise ExportFailed(str(exc)) from None
     except Exception as exc:
         # Reading an S3 source meets the same transient faults as copying a layer.
-        if not is_transient(exc):
-            raise ExportFailed(f"reading the source: {type(exc).__name__}: {exc}") from None
-        if self.request.retries >= settings.copy_max_retries:
-            raise ExportFailed(
-                f"reading the source: gave up after {self.request.retries} retries: {exc}"
-            ) from None
-        countdown = get_exponential_backoff_interval(2, self.request.retries, 60, full_jitter=True)
-        raise self.retry(args=(request,), exc=exc, countdown=countdown) from None
+        _retry_or_fail(self, exc, "reading the source", settings, args=(request,))
 
     for warning in plan.warnings:
         logger.warning("export %s: %s", export_id, warning)
@@ -250,8 +243,9 @@ def copy_layer(
         # task fields; ``result`` carries the same metadata so the task page shows the bytes.
         self.send_event("task-progress", result=json.dumps(meta), **meta)
 
+    # A layer that is done within one interval never publishes PROGRESS: its STARTED and
+    # SUCCESS states say it all, and each publication costs Redis round trips per layer.
     throttle = Throttle(publish, settings.progress_interval)
-    publish(0, "checking")
     client = settings.s3_client(req.target)
     try:
         outcome = copy_blob(
@@ -267,15 +261,13 @@ def copy_layer(
         _give_up(client, req.target, desc.digest)
         raise ExportFailed(f"{step}: {exc}") from None
     except Exception as exc:
-        if not is_transient(exc):
-            raise ExportFailed(f"{step}: {type(exc).__name__}: {exc}") from None
-        if self.request.retries >= settings.copy_max_retries:
-            _give_up(client, req.target, desc.digest)
-            raise ExportFailed(
-                f"{step}: gave up after {self.request.retries} retries: {exc}"
-            ) from None
-        countdown = get_exponential_backoff_interval(2, self.request.retries, 60, full_jitter=True)
-        raise self.retry(exc=exc, countdown=countdown) from None
+        _retry_or_fail(
+            self,
+            exc,
+            step,
+            settings,
+            on_give_up=lambda: _give_up(client, req.target, desc.digest),
+        )
 
     state.record_outcome(
         _redis(self),
@@ -288,7 +280,6 @@ def copy_layer(
         },
         settings.result_expires,
     )
-    publish(desc.size, outcome.action, completed_at=now_iso())
     return {"digest": desc.digest, "size": desc.size}
 
 
@@ -419,6 +410,29 @@ def _record_batched(
         pipe.execute()
 
 
+def _retry_or_fail(
+    task: Task[Any, Any],
+    exc: Exception,
+    what: str,
+    settings: Settings,
+    on_give_up: Callable[[], None] = lambda: None,
+    args: tuple[Any, ...] | None = None,
+) -> NoReturn:
+    """Retry a transient error later (jittered exponential backoff); fail for good otherwise.
+
+    Retrying through Celery, not in a loop here, frees the worker process while it waits and
+    survives the worker's death: the retry is a message in Redis.
+    """
+    retries = task.request.retries
+    if not is_transient(exc):
+        raise ExportFailed(f"{what}: {type(exc).__name__}: {exc}") from None
+    if retries >= settings.copy_max_retries:
+        on_give_up()
+        raise ExportFailed(f"{what}: gave up after {retries} retries: {exc}") from None
+    countdown = get_exponential_backoff_interval(2, retries, 60, full_jitter=True)
+    raise task.retry(args=args, exc=exc, countdown=countdown) from None
+
+
 def _give_up(client: Any, target: S3Spec, digest: str) -> None:
     """A layer that will not be retried leaves no unfinished upload behind."""
     key = target.blob_key(digest)
@@ -477,10 +491,7 @@ def finalize(
     except IncompleteCacheError as exc:
         raise ExportFailed(str(exc)) from None
     except Exception as exc:
-        if is_transient(exc) and self.request.retries < settings.copy_max_retries:
-            countdown = get_exponential_backoff_interval(2, self.request.retries, 60, True)
-            raise self.retry(exc=exc, countdown=countdown) from None
-        raise ExportFailed(f"finalize: {type(exc).__name__}: {exc}") from None
+        _retry_or_fail(self, exc, "finalize", settings)
 
     outcomes = state.load_outcomes(redis, export_id)
     # The plan (megabytes for thousands of layers) is dead once the names are written; the

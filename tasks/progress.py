@@ -33,7 +33,7 @@ def manifest_step(digest: str, image_manifest: bool) -> str:
 
 
 class Throttle:
-    """Calls ``publish`` at most every ``interval`` seconds (and always for the last call).
+    """Calls ``publish`` at most every ``interval`` seconds, the first time one interval in.
 
     Progress is one Redis write per call; a layer streamed in 1 MiB chunks would otherwise
     cost a round trip per MiB.
@@ -42,7 +42,7 @@ class Throttle:
     def __init__(self, publish: Callable[[int], None], interval: float = 0.5) -> None:
         self._publish = publish
         self._interval = interval
-        self._last = 0.0
+        self._last = time.monotonic()
 
     def __call__(self, done: int, force: bool = False) -> None:
         now = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -227,21 +228,26 @@ def test_a_request_file_on_stdin_and_ctrl_c_stops_only_the_watching(
             "target": {"type": "s3", "bucket": bucket, "name": "from-stdin"},
         }
     )
-    proc = subprocess.Popen(
-        [CACHESHIP, "export", "--request", "-", "--wait"],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(body)
-    proc.stdin.close()
-    export_id = proc.stdout.readline().strip()
-    uuid.UUID(export_id)
-    proc.send_signal(signal.SIGINT)
-    proc.wait(60)
+    # The worker is frozen while the CLI watches, so the export cannot finish before Ctrl-C.
+    os.killpg(cli_worker.proc.pid, signal.SIGSTOP)
+    try:
+        proc = subprocess.Popen(
+            [CACHESHIP, "export", "--request", "-", "--wait"],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(body)
+        proc.stdin.close()
+        export_id = proc.stdout.readline().strip()
+        uuid.UUID(export_id)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    finally:
+        os.killpg(cli_worker.proc.pid, signal.SIGCONT)
     assert proc.stderr is not None
     stderr = proc.stderr.read()
     assert proc.returncode == 130, stderr

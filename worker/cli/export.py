@@ -68,9 +68,15 @@ def connect(redis_url: str | None) -> Client:
 
 
 def follow(client: Client, export_id: str, as_json: bool, started: float) -> None:
-    """Watch to the end, then print the summary (or the JSON); exits non-zero on failure."""
+    """Print the id, watch to the end, then print the summary (or the JSON).
+
+    Exits non-zero on failure. Ctrl-C from the moment the export is enqueued only stops the
+    watching, and says how to pick it up again.
+    """
     err = Console(stderr=True, highlight=False)
     try:
+        if not as_json:
+            click.echo(export_id)
         snap: Snapshot = watch(
             client, export_id, err, plain_write=lambda line: click.echo(line, err=True)
         )
@@ -151,6 +157,4 @@ def export_command(
             click.echo(export_id)
             click.echo(f"follow it with: cacheship status {export_id} --wait", err=True)
         return
-    if not as_json:
-        click.echo(export_id)
     follow(client, export_id, as_json, started)
