@@ -9,25 +9,14 @@ chains are kept short (``CHAIN``) so that thousands of layers make a realistic, 
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from tasks.cacheformat import (
-    Descriptor,
-    config_descriptor,
-    decode_config,
-    descriptors_from_annotations,
-    encode_config,
-    manifest_bytes,
-    marshal,
-    parse_graph,
-)
+from tasks.cacheformat import Descriptor
+from worker.samplecache import LAYER_GZIP, write_layout
 
-LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
-REF_NAME = "org.opencontainers.image.ref.name"
 WRITE_CHUNK = 8 * 1024 * 1024
 CHAIN = 20
 
@@ -69,14 +58,6 @@ def _write_random_blob(directory: Path, size: int, rng: random.Random) -> str:
     return digest
 
 
-def _write_small(directory: Path, data: bytes) -> str:
-    digest = _sha(data)
-    path = directory / "blobs" / "sha256" / digest.removeprefix("sha256:")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-    return digest
-
-
 def write_cache(directory: Path, layer_sizes: list[int], seed: int = 1) -> BenchCache:
     """A build whose steps each add one layer; every ``CHAIN`` layers a new chain starts."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -107,27 +88,5 @@ def write_cache(directory: Path, layer_sizes: list[int], seed: int = 1) -> Bench
                 "layers": [{"layer": i, "createdAt": created}],
             }
         )
-    config = decode_config(json.dumps({"layers": layers_json, "records": records}))
-    marshalled = marshal(parse_graph(config, descriptors_from_annotations(config)))
-    config_bytes = encode_config(marshalled.config)
-    config_desc = config_descriptor(config_bytes)
-    _write_small(directory, config_bytes)
-    manifest, manifest_desc = manifest_bytes(
-        marshalled, config_desc, oci_mediatypes=True, image_manifest=False
-    )
-    _write_small(directory, manifest)
-    index = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [
-            {
-                "mediaType": manifest_desc.media_type,
-                "digest": manifest_desc.digest,
-                "size": manifest_desc.size,
-                "annotations": {REF_NAME: "latest"},
-            }
-        ],
-    }
-    (directory / "index.json").write_text(json.dumps(index))
-    (directory / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-    return BenchCache(directory, list(marshalled.layers))
+    layers, _, _ = write_layout(directory, {"layers": layers_json, "records": records})
+    return BenchCache(directory, layers)

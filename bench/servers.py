@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from worker.embedded import LOOPBACK, ServerProcess, free_port, start_s3, wait_for_port
+from worker.embedded import LOOPBACK, ServerProcess, free_port, spawn_server, start_s3
 
 SERVERS = ("seaweedfs", "moto", "rclone")
 ACCESS_KEY = "cacheship-bench-access"
@@ -52,30 +51,7 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _spawn(name: str, argv: list[str], port: int, workdir: Path) -> ServerProcess:
-    log_path = workdir / f"{name}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=workdir,
-            start_new_session=True,
-        )
-    server = ServerProcess(
-        name=name,
-        url=f"http://{LOOPBACK}:{port}",
-        port=port,
-        proc=proc,
-        log_path=log_path,
-        workdir=workdir,
-    )
-    try:
-        wait_for_port(port, proc, timeout=60)
-    except Exception as exc:
-        server.stop()
-        raise RuntimeError(f"{name} did not start: {exc}\n{server.log()[-3000:]}") from exc
-    return server
+    return spawn_server(name, argv, port, f"http://{LOOPBACK}:{port}", workdir, timeout=60)
 
 
 def _start_seaweedfs(workdir: Path) -> ServerProcess:

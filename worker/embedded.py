@@ -87,14 +87,16 @@ def redis_server_binary() -> str:
     return found
 
 
-def _spawn(
+def spawn_server(
     name: str,
     argv: Sequence[str],
     port: int,
     url: str,
     workdir: Path,
     env: dict[str, str] | None = None,
+    timeout: float = 30.0,
 ) -> ServerProcess:
+    """Start a server process (output to ``workdir/<name>.log``) and wait until it listens."""
     log_path = workdir / f"{name}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -110,7 +112,7 @@ def _spawn(
         name=name, url=url, port=port, proc=proc, log_path=log_path, workdir=workdir
     )
     try:
-        wait_for_port(port, proc)
+        wait_for_port(port, proc, timeout)
     except Exception as exc:
         server.stop()
         raise RuntimeError(f"{name} did not start: {exc}\n{server.log()}") from exc
@@ -142,7 +144,7 @@ def start_redis(
         *extra_args,
     ]
     auth = f":{password}@" if password else ""
-    return _spawn("redis", argv, port, f"redis://{auth}{LOOPBACK}:{port}/0", workdir)
+    return spawn_server("redis", argv, port, f"redis://{auth}{LOOPBACK}:{port}/0", workdir)
 
 
 def start_s3(port: int | None = None) -> ServerProcess:
@@ -151,7 +153,7 @@ def start_s3(port: int | None = None) -> ServerProcess:
     workdir = Path(tempfile.mkdtemp(prefix="cacheship-s3-"))
     argv = [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)]
     env = {**os.environ, "MOTO_ALLOW_NONEXISTENT_REGION": "true"}
-    return _spawn("s3", argv, port, f"http://{LOOPBACK}:{port}", workdir, env)
+    return spawn_server("s3", argv, port, f"http://{LOOPBACK}:{port}", workdir, env)
 
 
 @contextlib.contextmanager

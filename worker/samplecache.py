@@ -23,6 +23,7 @@ from tasks.cacheformat import (
     Descriptor,
     config_descriptor,
     decode_config,
+    descriptors_from_annotations,
     encode_config,
     manifest_bytes,
     marshal,
@@ -123,9 +124,29 @@ def write_sample_cache(
             }
         )
     records.append({"digest": "random:" + os.urandom(8).hex(), "inputs": [[{"link": 0}]]})
-    config = decode_config(json.dumps({"layers": layers_json, "records": records}))
-    from tasks.cacheformat import descriptors_from_annotations
+    layers, manifest, config = write_layout(
+        directory,
+        {"layers": layers_json, "records": records},
+        tag=tag,
+        image_manifest=image_manifest,
+    )
+    return SampleCache(directory, layers, manifest, config)
 
+
+def write_layout(
+    directory: Path,
+    config_json: dict[str, object],
+    *,
+    tag: str = "latest",
+    image_manifest: bool = False,
+) -> tuple[list[Descriptor], Descriptor, Descriptor]:
+    """Normalise a config as BuildKit does and lay it out as ``type=local`` writes it.
+
+    The layer blobs must already be in ``blobs/sha256``; this writes the config blob, the
+    manifest blob (an OCI index, or an image manifest), ``index.json`` and ``oci-layout``.
+    Returns the layer descriptors, the manifest's and the config's.
+    """
+    config = decode_config(json.dumps(config_json))
     marshalled = marshal(parse_graph(config, descriptors_from_annotations(config)))
     config_bytes = encode_config(marshalled.config)
     config_desc = config_descriptor(config_bytes)
@@ -148,4 +169,4 @@ def write_sample_cache(
     }
     (directory / "index.json").write_text(json.dumps(index))
     (directory / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-    return SampleCache(directory, list(marshalled.layers), manifest_desc, config_desc)
+    return list(marshalled.layers), manifest_desc, config_desc
