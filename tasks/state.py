@@ -21,6 +21,7 @@ class RedisLike(Protocol):
     def hgetall(self, name: str) -> Any: ...
     def expire(self, name: str, time: int) -> Any: ...
     def delete(self, *names: str) -> Any: ...
+    def pipeline(self, transaction: bool = ...) -> Any: ...
 
 
 def plan_key(export_id: str) -> str:
@@ -53,8 +54,10 @@ def record_outcome(
 ) -> None:
     """The first finished run of a layer tells what happened; re-runs do not overwrite it."""
     key = outcomes_key(export_id)
-    redis.hsetnx(key, digest, json.dumps(outcome, separators=(",", ":")))
-    redis.expire(key, ttl)
+    pipe = redis.pipeline(transaction=False)  # one round trip: this runs once per layer
+    pipe.hsetnx(key, digest, json.dumps(outcome, separators=(",", ":")))
+    pipe.expire(key, ttl)
+    pipe.execute()
 
 
 def load_outcomes(redis: RedisLike, export_id: str) -> dict[str, dict[str, Any]]:
