@@ -22,7 +22,7 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from bench.data import BenchCache
 from bench.servers import ACCESS_KEY, SECRET_KEY
 from tasks.s3client import S3Endpoint, client_for
-from tests.stack import Worker, start_worker
+from tests.stack import Worker, child_pids, start_worker
 from worker.client import Client
 from worker.embedded import ServerProcess
 
@@ -171,21 +171,7 @@ class Cacheship:
         """The worker's main process and its pool children."""
         assert self.worker is not None
         main = self.worker.proc.pid
-        return [main, *children_of(main)]
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
+        return [main, *child_pids(main)]
 
 
 def _status_kib(pid: int, field_name: str) -> int:

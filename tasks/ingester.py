@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -351,6 +350,3 @@ class BlobWriter:
         for future in self._futures:
             future.cancel()
         self._close_pool()
-
-
-ProgressFn = Callable[[int], None]

@@ -16,13 +16,13 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from celery import Signature, Task, chord, shared_task
-from celery.exceptions import Reject
 from celery.states import SUCCESS
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
 from tasks import state
 from tasks.cacheformat import Descriptor, EmptyCacheError, FormatError
+from tasks.copy import CopyOutcome, copy_blob
 from tasks.ingester import DigestMismatchError, IngestError, open_uploads
 from tasks.plan import ExportPlan, desc_from_json, plan_export
 from tasks.progress import (
@@ -35,7 +35,7 @@ from tasks.progress import (
     step_meta,
 )
 from tasks.publish import IncompleteCacheError, missing_blobs, put_blob, put_names
-from tasks.request import LocalSpec, RequestError, S3Spec, parse_request
+from tasks.request import ExportRequest, LocalSpec, RequestError, S3Spec, parse_request
 from tasks.s3client import is_transient
 from tasks.sources import local as local_source
 from tasks.sources import s3 as s3_source
@@ -43,7 +43,7 @@ from tasks.sources.common import LoadedCache, SourceError
 from worker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from tasks.copy import CopyOutcome
+    from mypy_boto3_s3 import S3Client
 
 logger = get_task_logger(__name__)
 
@@ -75,6 +75,25 @@ def _open_blob(source: LocalSpec | S3Spec, digest: str, settings: Settings) -> I
         yield stream
     finally:
         stream.close()
+
+
+def _copy(
+    req: ExportRequest,
+    layer: Descriptor,
+    client: S3Client,
+    settings: Settings,
+    progress: Callable[[int], None] = lambda done: None,
+) -> CopyOutcome:
+    """One layer from the request's source into its target, with the worker's settings."""
+    return copy_blob(
+        lambda: _open_blob(req.source, layer.digest, settings),
+        client,
+        req.target,
+        layer,
+        head_forbidden=settings.s3_head_forbidden,
+        min_part_size=settings.part_size,
+        progress=progress,
+    )
 
 
 def _redis(task: Task[Any, Any]) -> Any:
@@ -146,14 +165,13 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
         logger.warning("export %s: %s", export_id, warning)
     layer_ids = [str(uuid.uuid5(uuid.UUID(export_id), d.digest)) for d in plan.layers]
     steps = _steps(plan, layer_ids, export_id, req.target.image_manifest)
+    plan_json = plan.to_json()
+    source = req.source.model_dump(mode="json", by_alias=True)
+    target = req.target.model_dump(mode="json", by_alias=True)
     state.save_plan(
         _redis(self),
         export_id,
-        {
-            "plan": plan.to_json(),
-            "steps": steps,
-            "target": req.target.model_dump(mode="json", by_alias=True),
-        },
+        {"plan": plan_json, "steps": steps, "target": target},
         settings.result_expires,
     )
     self.update_state(
@@ -167,9 +185,7 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
             "started_at": now_iso(),
         },
     )
-    source = req.source.model_dump(mode="json", by_alias=True)
-    target = req.target.model_dump(mode="json", by_alias=True)
-    header = _copy_tasks(export_id, source, target, plan.to_json()["layers"], layer_ids, settings)
+    header = _copy_tasks(export_id, source, target, plan_json["layers"], layer_ids, settings)
     raise self.replace(chord(header, finalize.s(export_id)))
 
 
@@ -219,8 +235,6 @@ def copy_layer(
     layer: dict[str, Any],
 ) -> dict[str, Any]:
     """Copy one blob. The return value is the same on every run (the chord counts by value)."""
-    from tasks.copy import copy_blob
-
     settings = get_settings()
     desc: Descriptor = desc_from_json(layer)
     req = parse_request({"source": source, "target": target})
@@ -248,15 +262,7 @@ def copy_layer(
     throttle = Throttle(publish, settings.progress_interval)
     client = settings.s3_client(req.target)
     try:
-        outcome = copy_blob(
-            lambda: _open_blob(req.source, desc.digest, settings),
-            client,
-            req.target,
-            desc,
-            head_forbidden=settings.s3_head_forbidden,
-            min_part_size=settings.part_size,
-            progress=throttle,
-        )
+        outcome = _copy(req, desc, client, settings, progress=throttle)
     except PERMANENT as exc:
         _give_up(client, req.target, desc.digest)
         raise ExportFailed(f"{step}: {exc}") from None
@@ -300,8 +306,6 @@ def copy_layers(
     batch again: layers already stored are found by HEAD and skipped. The return value is
     the same on every run (the chord counts by value).
     """
-    from tasks.copy import copy_blob
-
     settings = get_settings()
     req = parse_request({"source": source, "target": target})
     client = settings.s3_client(req.target)
@@ -331,14 +335,7 @@ def copy_layers(
 
     def copy_one(desc: Descriptor, tid: str) -> Exception | None:
         try:
-            outcome = copy_blob(
-                lambda: _open_blob(req.source, desc.digest, settings),
-                client,
-                req.target,
-                desc,
-                head_forbidden=settings.s3_head_forbidden,
-                min_part_size=settings.part_size,
-            )
+            outcome = _copy(req, desc, client, settings)
         except Exception as exc:
             return exc
         with lock:
@@ -530,4 +527,4 @@ def _flatten(results: list[dict[str, Any] | list[dict[str, Any]]]) -> list[dict[
     return flat
 
 
-__all__ = ["ExportFailed", "Reject", "copy_layer", "copy_layers", "export", "finalize"]
+__all__ = ["ExportFailed", "copy_layer", "copy_layers", "export", "finalize"]

@@ -54,6 +54,21 @@ def worker_env(redis_url: str, s3_url: str, source_root: Path, **extra: str) -> 
     return env
 
 
+def child_pids(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (a worker's pool processes), read from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
 @dataclass
 class Worker:
     """One ``celery worker`` process (its pool children included)."""

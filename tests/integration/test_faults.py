@@ -25,7 +25,7 @@ from botocore.exceptions import ClientError
 from tasks.cacheformat import decode_config, descriptors_from_annotations
 from tests.faultproxy import FaultPlan, FaultProxy
 from tests.integration.test_export import assert_sound_cache
-from tests.stack import Worker, s3_client, worker_env
+from tests.stack import Worker, child_pids, s3_client, worker_env
 from worker.client import LOST_AFTER, Client, ExportError
 from worker.embedded import ServerProcess, start_redis
 from worker.samplecache import SampleCache, write_sample_cache
@@ -178,22 +178,6 @@ def test_export_fails_cleanly_within_its_retry_budget_when_s3_always_fails(
 # --------------------------------------------------------------------------- helpers for kills
 
 
-def pool_children(pid: int) -> list[int]:
-    """Pids whose parent is ``pid`` (a worker's pool processes)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
 class NameWatcher(threading.Thread):
     """Polls the bucket while an export runs: every name must point at stored blobs only.
 
@@ -335,7 +319,7 @@ def test_export_survives_repeated_sigkills_in_the_middle_of_large_layers(
                 kills.append(f"worker {worker.name} at {digest[7:19]}+{done}")
                 start_one()
             else:
-                children = pool_children(worker.proc.pid)
+                children = child_pids(worker.proc.pid)
                 if not children:
                     continue
                 os.kill(rng.choice(children), signal.SIGKILL)  # requeued at once
