@@ -23,8 +23,8 @@ from typing import Any
 from bench import servers
 from bench.scenarios import SCENARIOS, Context, Row, Sizes
 from bench.stack import Cacheship, baseline_upload, bench_client, drop_prefix, new_prefix
+from tasks.settings import Settings
 from worker.embedded import start_redis
-from worker.settings import Settings
 
 KiB = 1024
 

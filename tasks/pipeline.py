@@ -37,10 +37,10 @@ from tasks.progress import (
 from tasks.publish import IncompleteCacheError, missing_blobs, put_blob, put_names
 from tasks.request import ExportRequest, LocalSpec, RequestError, S3Spec, parse_request
 from tasks.s3client import is_transient
+from tasks.settings import Settings, get_settings
 from tasks.sources import local as local_source
 from tasks.sources import s3 as s3_source
 from tasks.sources.common import LoadedCache, SourceError
-from worker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

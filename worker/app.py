@@ -15,7 +15,7 @@ from celery.signals import worker_process_init
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from worker.settings import Settings, get_settings
+from tasks.settings import Settings, get_settings
 
 # About 17 s of retrying, for publishes and for every command on the result backend.
 PUBLISH_RETRY = {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2}

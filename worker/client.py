@@ -19,9 +19,9 @@ from celery import Celery, uuid
 from celery.result import AsyncResult
 
 from tasks.request import ExportRequest, parse_request
+from tasks.settings import Settings
 from tasks.state import load_outcomes
 from worker.app import configure
-from worker.settings import Settings
 
 EXPORT_TASK = "cacheship.export"
 READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})

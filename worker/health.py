@@ -13,7 +13,7 @@ from typing import Any
 
 from celery.signals import heartbeat_sent, worker_ready, worker_shutdown
 
-from worker.settings import get_settings
+from tasks.settings import get_settings
 
 
 def _touch(path: Path) -> None:

@@ -11,8 +11,8 @@ from typing import Any
 import helm_python as helm
 import pytest
 
+from tasks.settings import Settings
 from tests.deploy.chart import EXTERNAL_REDIS, IRSA_ROLE, VALUE_SETS, Rendered, render
-from worker.settings import Settings
 
 DEFAULT_TIME_LIMIT = Settings.model_fields["task_time_limit"].default
 

@@ -12,6 +12,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 
+from tasks.settings import Settings
 from tests.deploy.chart import (
     CHART,
     CUSTOM_SCHEMAS,
@@ -23,7 +24,6 @@ from tests.deploy.chart import (
     render,
     validate,
 )
-from worker.settings import Settings
 
 VALUE_SET_NAMES = sorted(VALUE_SETS)
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

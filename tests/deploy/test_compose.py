@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 
+from tasks.settings import Settings
 from tests.deploy import compose
 from tests.deploy.dockerfile import image_env
-from worker.settings import Settings
 
 
 @cache

@@ -75,7 +75,7 @@ def redis_option(func: F) -> F:
 def resolve_redis_url(given: str | None) -> str:
     """The URL to use; its password is remembered so that it is never printed."""
     if given is None:
-        from worker.settings import Settings
+        from tasks.settings import Settings
 
         given = Settings().redis_url
     match = re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:([^@/\s]+)@", given)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 def s3_client(spec: S3Spec) -> S3Client:
     """boto3 with the spec's endpoint, else the CACHESHIP_S3_* defaults; AWS's credentials."""
-    from worker.settings import Settings
+    from tasks.settings import Settings
 
     return Settings().s3_client(spec)
 

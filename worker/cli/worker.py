@@ -35,7 +35,7 @@ def worker_command(celery_args: tuple[str, ...]) -> None:
     cacheship worker --concurrency 4
     cacheship worker --hostname copy1@%h --autoscale 8,2
     """
-    from worker.settings import Settings
+    from tasks.settings import Settings
 
     argv = worker_argv(celery_args, Settings().log_level)
     sys.stdout.flush()
