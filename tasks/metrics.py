@@ -27,7 +27,7 @@ LayerAction = Literal["uploaded", "skipped", "touched"]
 OUTCOMES: tuple[Outcome, ...] = ("success", "failure", "empty")
 ACTIONS: tuple[LayerAction, ...] = ("uploaded", "skipped", "touched")
 # The Celery tasks that retry transient S3/Redis errors (their short names).
-RETRYING_TASKS = ("export", "copy_layer", "copy_layers", "finalize")
+RETRYING_TASKS = ("export", "copy_layer", "finalize")
 
 # Exports run from seconds (a warm re-export) to hours (gigabytes of layers).
 EXPORT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 21600)
