@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -10,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.stack import Worker
+from tests.stack import Worker, child_pids
 from worker.client import Client, ExportError
 from worker.embedded import ServerProcess, free_port
 from worker.samplecache import SampleCache, write_sample_cache
@@ -126,9 +129,13 @@ def test_a_failed_export_counts_once_however_many_layers_fail(
     assert value(samples, "cacheship_exports_started_total") == 1
     assert value(samples, "cacheship_exports_total", outcome="failure") == 1
     assert value(samples, "cacheship_exports_total", outcome="success") == 0
-    # The good layer was copied; the corrupt ones never were.
-    assert value(samples, "cacheship_layers_total", action="uploaded") == 1
-    assert value(samples, "cacheship_layer_uploaded_bytes_total") == cache.layers[2].size
+    # The corrupt layers were never stored; the good one was copied unless the failure
+    # cancelled it first. Either way the bytes match the layers counted.
+    uploaded = value(samples, "cacheship_layers_total", action="uploaded")
+    assert uploaded in (0, 1)
+    sent = value(samples, "cacheship_layer_uploaded_bytes_total")
+    assert sent == uploaded * cache.layers[2].size
+    assert value(samples, "cacheship_layers_in_flight") == 0
 
 
 def test_queue_depth_counts_the_tasks_nobody_took(
@@ -153,3 +160,35 @@ def test_queue_depth_counts_the_tasks_nobody_took(
     assert value(samples, "cacheship_broker_up") == 1
     assert value(samples, "cacheship_exports_started_total") == 0
 
+
+
+def test_a_killed_pool_process_stops_counting_as_in_flight(
+    env: dict[str, str],
+    workers: Callable[..., Worker],
+    client: Client,
+    bucket: str,
+    source_root: Path,
+) -> None:
+    big = write_sample_cache(source_root / "big", [64 * MiB], seed=5)
+    wenv, port = metrics_env({**env, "CACHESHIP_PART_SIZE": str(5 * MiB)})
+    worker = workers(wenv, concurrency=1)
+    export_id = client.submit(
+        {
+            "source": {"type": "local", "src": str(big.path)},
+            "target": {"type": "s3", "bucket": bucket, "upload_parallelism": 1},
+        }
+    )
+    deadline = time.monotonic() + 120
+    while value(scrape(port), "cacheship_layers_in_flight") != 1:
+        assert time.monotonic() < deadline, "the layer copy never showed as in flight"
+        time.sleep(0.05)
+    (child,) = child_pids(worker.proc.pid)
+    os.kill(child, signal.SIGKILL)  # mid-copy: its task is requeued and runs again
+
+    result = client.wait(export_id, timeout=300)
+    samples = scrape(port)
+    assert value(samples, "cacheship_layers_in_flight") == 0
+    assert value(samples, "cacheship_layers_total", action="uploaded") == 1  # the finished run
+    sent = value(samples, "cacheship_layer_uploaded_bytes_total")
+    assert sent == result["bytes_sent"]
+    assert sent + value(samples, "cacheship_layer_skipped_bytes_total") == big.layers[0].size
