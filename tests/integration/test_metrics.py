@@ -179,9 +179,12 @@ def test_a_killed_pool_process_stops_counting_as_in_flight(
         }
     )
     deadline = time.monotonic() + 120
-    while value(scrape(port), "cacheship_layers_in_flight") != 1:
+    while value(running := scrape(port), "cacheship_layers_in_flight") != 1:
         assert time.monotonic() < deadline, "the layer copy never showed as in flight"
         time.sleep(0.05)
+    # The running layer's message is held by the worker, not waiting in the queue.
+    assert value(running, "cacheship_queue_unacked_messages") >= 1
+    assert value(running, "cacheship_queue_messages", queue="cacheship") == 0
     (child,) = child_pids(worker.proc.pid)
     os.kill(child, signal.SIGKILL)  # mid-copy: its task is requeued and runs again
 
