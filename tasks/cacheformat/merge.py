@@ -17,7 +17,8 @@ Three things may then be dropped, each counted in :class:`MergeCounts`:
 When anything is dropped, records that then lead to no result (no result of their own and
 no record built on them that has one) go too, and the config is normalised again, so the
 stored bytes are always a fixed point of the normaliser. Results that came with the new
-export are never dropped for age or count: the name always serves the latest build.
+export (by record digest) are never dropped for age or count: the name always serves the
+latest build, even when that alone is over ``max_records``.
 
 Plain Python: no S3, no Redis (``tasks.names`` does the reading and writing).
 """
@@ -116,9 +117,7 @@ def concatenate(first: CacheConfig, second: CacheConfig) -> CacheConfig:
     def layer_index(index: int) -> int:
         return index + layer_shift if index >= 0 else index
 
-    layers = [
-        layer._replace(parent=layer_index(layer.parent)) for layer in second.layers
-    ]
+    layers = [layer._replace(parent=layer_index(layer.parent)) for layer in second.layers]
     records = [
         CacheRecord(
             record.digest,
@@ -164,11 +163,13 @@ def merge_configs(
         merged = marshal(parse_graph(combined, descriptors), allow_empty=True)
         del combined
         results_missing = _results_touching(base, gone) if gone else 0
-        protected = _result_keys(new)
+        protected = _keys_with_results(new)
         pruned = _Pruner(merged.config, protected)
         expired = over = 0
-        if results_missing or limits.max_age is not None or (
-            len(merged.config.records) > limits.max_records
+        if (
+            results_missing
+            or limits.max_age is not None
+            or (len(merged.config.records) > limits.max_records)
         ):
             if limits.max_age is not None:
                 expired = pruned.drop_older_than(_minus(now, limits.max_age))
@@ -176,9 +177,7 @@ def merge_configs(
         final = merged
         if pruned.changed or results_missing:
             pruned.collect()
-            final = marshal(
-                parse_graph(pruned.config(), merged.descriptors()), allow_empty=True
-            )
+            final = marshal(parse_graph(pruned.config(), merged.descriptors()), allow_empty=True)
         s3_config = s3_config_bytes(final)
     counts = MergeCounts(
         records_existing=len(base.records),
@@ -203,11 +202,13 @@ def _minus(now: GoTime, seconds: float) -> GoTime:
     return GoTime(sec, nsec)
 
 
-def _result_keys(cfg: CacheConfig) -> set[tuple[str, GoTime]]:
-    """Results of a config by record digest and creation time (what the new export brings)."""
-    keys = {(record.digest, r.created_at) for record in cfg.records for r in record.results}
-    keys.update((record.digest, c.created_at) for record in cfg.records for c in record.chains)
-    return keys
+def _keys_with_results(cfg: CacheConfig) -> set[str]:
+    """Digests of the records that carry a result in ``cfg`` (what the new export brings).
+
+    By digest, not by result: a merged node keeps only its newest result, which may be a
+    stored one equivalent to the new export's; that one must stay all the same.
+    """
+    return {record.digest for record in cfg.records if record.results or record.chains}
 
 
 def _results_touching(cfg: CacheConfig, gone: frozenset[str]) -> int:
@@ -247,7 +248,7 @@ class _Pruner:
     needed links make every removal cost only the links it touches.
     """
 
-    def __init__(self, cfg: CacheConfig, protected: set[tuple[str, GoTime]]) -> None:
+    def __init__(self, cfg: CacheConfig, protected: set[str]) -> None:
         self._cfg = cfg
         records = cfg.records
         self._has_result = [bool(r.results) for r in records]
@@ -261,7 +262,7 @@ class _Pruner:
         self._queue = sorted(
             (r.results[0].created_at, index)
             for index, r in enumerate(records)
-            if r.results and (r.digest, r.results[0].created_at) not in protected
+            if r.results and r.digest not in protected
         )
         heapq.heapify(self._queue)
         self.changed = False
@@ -277,11 +278,7 @@ class _Pruner:
         stack = [start]
         while stack:
             index = stack.pop()
-            if (
-                not self._alive[index]
-                or self._has_result[index]
-                or self._needed_by[index]
-            ):
+            if not self._alive[index] or self._has_result[index] or self._needed_by[index]:
                 continue
             self._alive[index] = False
             self._alive_count -= 1
