@@ -4,8 +4,9 @@ A merge reads what the name holds, merges the new export into it
 (:mod:`tasks.cacheformat.merge`) and writes the result back. Two finalizes merging into one
 name at the same moment must not lose either export, so every merge is guarded twice:
 
-- a lock per (endpoint, bucket, key) in Redis, shared by the whole fleet, taken around
-  read-merge-write: the only guard on stores that ignore or refuse conditional writes;
+- a lease per (endpoint, bucket, key) in Redis, shared by the whole fleet, held around
+  read-merge-write (renewed while held, lapsing seconds after its holder dies): the only
+  guard on stores that ignore or refuse conditional writes;
 - a conditional PUT (``If-Match`` on the ETag read, ``If-None-Match: *`` when the name did
   not exist): the store itself refuses the write if anything changed the name since it was
   read (another fleet sharing the bucket, a lock that expired, BuildKit itself).
@@ -20,6 +21,7 @@ overwrite it at any time, as it always could (docs/merge.md).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +41,7 @@ from tasks.cacheformat.merge import (
     read_stored,
     stored_blobs,
 )
+from tasks.flight import single_flight
 from tasks.ingester import stat
 from tasks.request import S3Spec
 from tasks.s3client import error_code, is_not_found
@@ -49,25 +52,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class NameLock(Protocol):
-    """redis-py's ``Lock``: the three calls used here."""
-
-    def acquire(self) -> bool: ...
-    def release(self) -> None: ...
-    def owned(self) -> bool: ...
-
-
 class LockingRedis(Protocol):
-    """A Redis client that hands out locks (redis-py's ``Redis.lock`` satisfies it)."""
+    """What redis-py's ``Lock`` needs of a client (``redis.Redis`` satisfies it)."""
 
-    def lock(
-        self,
-        name: str,
-        timeout: float | None = None,
-        sleep: float = 0.1,
-        blocking: bool = True,
-        blocking_timeout: float | None = None,
-    ) -> Any: ...
+    def register_script(self, script: str) -> Any: ...
 
 
 class NameWriteError(Exception):
@@ -114,9 +102,9 @@ class NameWrite:
 
 
 def lock_name(client: S3Client, target: S3Spec, name: str) -> str:
-    """One lock per store, bucket and key: (bucket, prefix, name) on one endpoint."""
-    key = target.manifest_key(name)
-    return f"cacheship-name-lock:{client.meta.endpoint_url}|{target.bucket}|{key}"
+    """One lock per store, bucket and key ((bucket, prefix, name) on one endpoint)."""
+    where = f"{client.meta.endpoint_url}\0{target.bucket}\0{target.manifest_key(name)}"
+    return f"cacheship-name-{hashlib.sha256(where.encode()).hexdigest()[:32]}"
 
 
 def read_name(client: S3Client, bucket: str, key: str) -> tuple[bytes, str] | None:
@@ -188,32 +176,22 @@ def write_name(
     now: GoTime | None = None,
     head_forbidden: Literal["upload", "fail"] = "upload",
     conditional: bool = True,
-    lock_timeout: float = 300.0,
-    wait_timeout: float = 600.0,
     max_attempts: int = 10,
+    on_wait: Callable[[], None] = lambda: None,
 ) -> NameWrite:
     """Merge ``s3_config`` (the new export, S3 form) into the name, safely under concurrency.
 
-    ``conditional=False`` never sends conditions (for stores known to mishandle them).
-    ``lock_timeout`` is how long a lock outlives a crashed worker; ``wait_timeout`` how long
-    to wait for it. Raises InvalidStoredConfigError (the name is left as it was unless the
-    target says ``merge=replace-invalid``) and NameBusyError.
+    The lock is the fleet's lease (:func:`tasks.flight.single_flight`): renewed while held,
+    lapsing seconds after a holder dies. ``conditional=False`` never sends conditions (for
+    stores known to mishandle them). Raises InvalidStoredConfigError (the name is left as
+    it was unless the target says ``merge=replace-invalid``) and NameBusyError.
     """
     key = target.manifest_key(name)
-    bucket = target.bucket
     new = decode_config(s3_config)
     limits = MergeLimits(target.max_records or DEFAULT_MAX_RECORDS, target.max_age)
-    lock = redis.lock(
-        lock_name(client, target, name), timeout=lock_timeout, blocking_timeout=wait_timeout
-    )
     for attempt in range(1, max_attempts + 1):
-        if not lock.acquire():
-            raise NameBusyError(
-                f"name {name!r} ({key}): another export held its lock for over "
-                f"{wait_timeout:.0f}s; it was not written"
-            )
-        try:
-            stored = read_name(client, bucket, key)
+        with single_flight(redis, lock_name(client, target, name), on_wait=on_wait):
+            stored = read_name(client, target.bucket, key)
             existing, replaced = None, False
             if stored is not None:
                 try:
@@ -229,33 +207,21 @@ def write_name(
             if existing is not None:
                 gone = missing_blobs(client, target, stored_blobs(existing, new), head_forbidden)
             merged = merge_configs(existing, new, now=now or now_go(), limits=limits, missing=gone)
-            if not lock.owned():
-                continue  # the lock expired while merging: someone may be writing; again
-            etag = None if stored is None else stored[1]
-            checked = conditional
             outcome = PutOutcome.UNSUPPORTED
             if conditional:
-                outcome = put_if_unchanged(client, bucket, key, merged.s3_config, etag)
-            if outcome is PutOutcome.UNSUPPORTED:
-                checked = False
-                client.put_object(Bucket=bucket, Key=key, Body=merged.s3_config)
-            elif outcome is PutOutcome.LOST_RACE:
+                etag = None if stored is None else stored[1]
+                outcome = put_if_unchanged(client, target.bucket, key, merged.s3_config, etag)
+            if outcome is PutOutcome.LOST_RACE:
                 log.info("name %s changed while it was merged; merging again", key)
                 continue
+            if outcome is PutOutcome.UNSUPPORTED:
+                client.put_object(Bucket=target.bucket, Key=key, Body=merged.s3_config)
+            checked = outcome is PutOutcome.WRITTEN
             return NameWrite(name, key, True, merged.counts, checked, attempt, replaced)
-        finally:
-            _release(lock)
     raise NameBusyError(
         f"name {name!r} ({key}) changed under every one of {max_attempts} merges; "
         "it was not written"
     )
-
-
-def _release(lock: NameLock) -> None:
-    try:
-        lock.release()
-    except Exception as exc:  # expired and maybe taken by another: the condition decides
-        log.warning("name lock was no longer held at release: %s", exc)
 
 
 def write_names(
@@ -266,7 +232,10 @@ def write_names(
     on_name: Callable[[NameWrite], None] = lambda write: None,
     **merge_options: Any,
 ) -> list[NameWrite]:
-    """Write every name of the target: overwrite, or merge when the target says ``merge``."""
+    """Write every name of the target: overwrite, or merge when the target says ``merge``.
+
+    ``merge_options`` go to :func:`write_name` (``head_forbidden``, ``conditional``...).
+    """
     writes = []
     for name in target.name:
         if target.merges:
@@ -274,6 +243,7 @@ def write_names(
                 raise ValueError("merging names needs a Redis client for the name locks")
             write = write_name(client, redis, target, name, s3_config, **merge_options)
         else:
+            # BuildKit's way: the last writer wins.
             key = target.manifest_key(name)
             client.put_object(Bucket=target.bucket, Key=key, Body=s3_config)
             write = NameWrite(name, key, False)
