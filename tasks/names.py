@@ -131,6 +131,8 @@ def put_if_unchanged(
         code = error_code(exc)
         if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
             return PutOutcome.LOST_RACE
+        if etag is not None and is_not_found(exc):
+            return PutOutcome.LOST_RACE  # AWS: If-Match on a name deleted since it was read
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         message = str(exc.response.get("Error", {}).get("Message", ""))
         if code in ("NotImplemented", "501") or (

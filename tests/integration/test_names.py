@@ -166,7 +166,11 @@ def test_a_stale_etag_or_a_new_name_loses_the_race(s3: Any, bucket: str) -> None
     assert put_if_unchanged(s3, bucket, key, b"second", None) is PutOutcome.LOST_RACE
     assert put_if_unchanged(s3, bucket, key, b"second", etag) is PutOutcome.WRITTEN
     assert put_if_unchanged(s3, bucket, key, b"third", etag) is PutOutcome.LOST_RACE
-    assert read_name(s3, bucket, key) == (b"second", read_name(s3, bucket, key)[1])  # type: ignore[index]
+    second = read_name(s3, bucket, key)
+    assert second is not None and second[0] == b"second"
+    s3.delete_object(Bucket=bucket, Key=key)
+    assert put_if_unchanged(s3, bucket, key, b"fourth", second[1]) is PutOutcome.LOST_RACE
+    assert read_name(s3, bucket, key) is None
 
 
 def test_stored_layers_gone_from_the_bucket_are_dropped(
