@@ -256,6 +256,12 @@ class ExportRequest(BaseModel):
     source: Source
     target: S3Spec
 
+    @model_validator(mode="after")
+    def _merge_is_for_targets(self) -> ExportRequest:
+        if isinstance(self.source, S3Spec) and self.source.merges:
+            raise ValueError("source.merge: only a target can be merged into")
+        return self
+
 
 _FRIENDLY = {
     "extra_forbidden": "unknown attribute",

@@ -77,3 +77,13 @@ def test_json_requests_take_booleans() -> None:
                 "target": {"type": "s3", "bucket": "ci-cache", "merge": True, "max_records": 0},
             }
         )
+
+
+def test_a_source_cannot_merge() -> None:
+    with pytest.raises(RequestError, match=r"^request: source\.merge: only a target"):
+        parse_request(
+            {
+                "source": {"type": "s3", "bucket": "ci-cache", "merge": True},
+                "target": {"type": "s3", "bucket": "ci-cache", "name": "copy"},
+            }
+        )
