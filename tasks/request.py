@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -35,6 +36,7 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_NAME_BYTES = 1024
+_REPLACE = "replace-invalid"
 
 
 class RequestError(ValueError):
@@ -144,7 +146,10 @@ class S3Spec(_Spec):
     mode: Literal["min", "max"] | None = Field(
         default=None, description="Accepted for buildx compatibility; every record is copied."
     )
-    merge: Literal["false", "true", "replace-invalid"] = Field(
+    merge: Annotated[
+        Literal["false", "true", "replace-invalid"],
+        WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": ["false", "true", _REPLACE]}]}),
+    ] = Field(
         default="false",
         description="cacheship: merge into what each name holds instead of overwriting it; "
         "replace-invalid also overwrites a name that holds no valid config.",
@@ -152,7 +157,18 @@ class S3Spec(_Spec):
     max_records: int | None = Field(
         default=None, ge=1, description="cacheship, with merge: records a name keeps (20000)."
     )
-    max_age: float | None = Field(
+    max_age: Annotated[
+        float | None,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "number", "exclusiveMinimum": 0},
+                    {"type": "string"},
+                    {"type": "null"},
+                ]
+            }
+        ),
+    ] = Field(
         default=None,
         gt=0,
         description="cacheship, with merge: seconds (or 14d, 336h) after which stored results go.",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import jsonschema
 import pytest
 
-from tasks.request import RequestError, parse_request, parse_target
+from tasks.request import RequestError, parse_request, parse_target, request_schema
 
 BASE = "type=s3,bucket=ci-cache"
 
@@ -87,3 +88,14 @@ def test_a_source_cannot_merge() -> None:
                 "target": {"type": "s3", "bucket": "ci-cache", "name": "copy"},
             }
         )
+
+
+def test_the_schema_takes_what_the_parser_takes() -> None:
+    schema = request_schema()
+    for merge, valid in ((True, True), ("replace-invalid", True), ("maybe", False)):
+        document = {
+            "source": {"type": "local", "src": "/srv/caches/app"},
+            "target": {"type": "s3", "bucket": "ci-cache", "merge": merge, "max_age": "14d"},
+        }
+        errors = list(jsonschema.Draft202012Validator(schema).iter_errors(document))
+        assert (not errors) is valid, (merge, errors)
