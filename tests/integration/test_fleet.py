@@ -156,12 +156,12 @@ def test_redis_restarted_empty_makes_every_waiting_command_fail_fast(
     workers: Callable[..., Worker],
     client: Client,
     env: dict[str, str],
+    bucket: str,
 ) -> None:
     cache = write_sample_cache(source_root / "app", [24 * MiB, 12 * MiB], seed=93)
     proxy.plan = FaultPlan(bandwidth=2 * MiB)
     worker_env = proxied_env(redis_server.url, proxy, source_root)
     workers(worker_env, name="a", concurrency=2)
-    bucket = "lost-" + str(redis_server.port)
     cli_env = {**env, "CACHESHIP_REDIS_URL": redis_server.url}
     waiting = subprocess.Popen(
         [CACHESHIP, "export", "--from", f"type=local,src={cache.path}",
