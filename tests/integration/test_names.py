@@ -30,6 +30,8 @@ from tasks.names import (
     write_names,
 )
 from tasks.request import S3Spec
+from tests.faultproxy import FaultPlan, FaultProxy, Request
+from tests.stack import s3_client
 from worker.embedded import ServerProcess, start_redis
 
 BASE_KEY = "sha256:" + "ba" * 32
@@ -134,6 +136,29 @@ def test_racing_merges_keep_every_export(
     assert len(stored.layers) == count + 1
     assert all(w.merged and w.conditional is conditional for w in writes)
     assert sorted(w.counts.records_after for w in writes) == list(range(2, count + 2))
+
+
+def test_a_store_refusing_conditions_gets_plain_writes_under_the_lock(
+    s3_server: ServerProcess, bucket: str, redis_client: Any
+) -> None:
+    """501 NotImplemented to every conditional PUT, as stores without the feature answer."""
+
+    def conditional_put(request: Request) -> bool:
+        return request.method == "PUT" and bool(
+            request.header("If-Match") or request.header("If-None-Match")
+        )
+
+    plan = FaultPlan(error_rate=1.0, errors=("notimplemented",), match=conditional_put)
+    with FaultProxy(s3_server.url, plan, max_seconds=600) as proxy:
+        s3 = s3_client(proxy.url)
+        count = 4
+        exports = [_export(s3, bucket, n) for n in range(count)]
+        target = _target(bucket)
+        writes = _race(count, lambda i: write_name(s3, redis_client, target, "main", exports[i]))
+        refused = proxy.stats.faults_by_operation["NotImplemented PutObject"]
+    assert _keys_of(_stored(s3_client(s3_server.url), bucket)) == _own_keys(count) | {BASE_KEY}
+    assert not any(w.conditional for w in writes)
+    assert refused == count
 
 
 def test_conditional_writes_alone_keep_every_export(s3: Any, bucket: str) -> None:
