@@ -165,15 +165,10 @@ def merge_configs(
         results_missing = _results_touching(base, gone) if gone else 0
         protected = _keys_with_results(new)
         pruned = _Pruner(merged.config, protected)
-        expired = over = 0
-        if (
-            results_missing
-            or limits.max_age is not None
-            or (len(merged.config.records) > limits.max_records)
-        ):
-            if limits.max_age is not None:
-                expired = pruned.drop_older_than(_minus(now, limits.max_age))
-            over = pruned.drop_oldest_until(limits.max_records)
+        expired = 0
+        if limits.max_age is not None:
+            expired = pruned.drop_older_than(_minus(now, limits.max_age))
+        over = pruned.drop_oldest_until(limits.max_records)
         final = merged
         if pruned.changed or results_missing:
             pruned.collect()
