@@ -112,6 +112,7 @@ class S3Target:
             plan.s3_config,
             on_name,
             head_forbidden=self.head_forbidden,
+            on_wait=self.on_wait,
         )
 
     def abandon(self, digest: str) -> None:

@@ -38,7 +38,10 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
     plan = ExportPlan.from_json(stored["plan"])
     target = S3Spec.model_validate(stored["target"])
     steps: list[dict[str, Any]] = stored["steps"]
-    store = open_target(target, config, redis)
+    # Waiting happens only for a name another export is merging into (merge=true).
+    store = open_target(
+        target, config, redis, on_wait=lambda: publish("writing", "waiting for another merge")
+    )
     base = {
         "export_id": export_id,
         "layers": len(plan.layers),
