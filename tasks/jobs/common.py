@@ -19,7 +19,7 @@ from celery import Task
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
-from tasks import state
+from tasks import metrics, state
 from tasks.cacheformat import FormatError
 from tasks.ingester import DigestMismatchError, IngestError
 from tasks.request import LocalSpec, RequestError, S3Spec
@@ -110,6 +110,7 @@ def retry_or_fail(
         on_give_up()
         raise ExportFailed(f"{what}: gave up after {retries} retries: {exc}") from None
     countdown = get_exponential_backoff_interval(2, retries, 60, full_jitter=True)
+    metrics.task_retried(task.name)
     raise task.retry(args=args, exc=exc, countdown=countdown) from None
 
 
@@ -138,6 +139,7 @@ def finish_export(
         return
     started = export_started_at(redis, export_id)
     runtime = time.time() - started if started else 0.0
+    metrics.export_finished("success" if error is None else "failure", runtime if started else None)
     backend: Any = task.backend
     if error is None:
         backend.store_result(export_id, result, "SUCCESS")

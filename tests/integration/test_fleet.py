@@ -69,7 +69,7 @@ def test_whole_worker_kills_never_stall_an_export(
 ) -> None:
     """10 SIGKILLs of a whole worker (main process and pool) across one export of 40 layers."""
     cache = write_sample_cache(source_root / "app", [2 * MiB] * 40, seed=91)
-    proxy.plan = FaultPlan(bandwidth=1 * MiB)  # each layer takes about two seconds
+    proxy.plan = FaultPlan(bandwidth=128 * 1024)  # each layer takes about 16 seconds
     env = proxied_env(redis_server.url, proxy, source_root)
     supervisor = Supervisor(lambda name: workers(env, name=name, concurrency=2), ["a", "b"])
     export_id = client.submit({"source": local(cache), "target": target(bucket)})
@@ -77,27 +77,24 @@ def test_whole_worker_kills_never_stall_an_export(
     kills, last_kill, saw_lost = 0, 0.0, False
     deadline = time.monotonic() + 600
     while kills < 10:
-        assert time.monotonic() < deadline, f"only {kills} kills before the export ended"
-        assert not client.snapshot(export_id, with_steps=False).ready, "ended before 10 kills"
-        busy = busy_layers(client, export_id, cache)
-        hosts = {host.split("@", 1)[0] for host, *_ in busy}
+        assert time.monotonic() < deadline, f"only {kills} kills in ten minutes"
+        snap = client.snapshot(export_id)
+        assert not snap.ready, f"ended ({snap.state} {snap.error}) after only {kills} kills"
+        # status says which layers sit on a vanished worker (and that they move on).
+        saw_lost = saw_lost or any(s.lost_worker for s in snap.steps)
+        hosts = {host.split("@", 1)[0] for host, *_ in busy_layers(client, export_id, cache)}
         victims = [w for w in supervisor.running if w.name in hosts]
-        if not victims:
-            supervisor.check()
-            time.sleep(0.2)
-            continue
-        victims[0].kill_all()
-        kills, last_kill = kills + 1, time.monotonic()
-        time.sleep(2)  # the replacement pod comes up a little later
+        if victims:
+            victims[0].kill_all()
+            kills, last_kill = kills + 1, time.monotonic()
+            time.sleep(2)  # the replacement pod comes up a little later
         supervisor.check()
-        if not saw_lost:
-            # status says which layers sit on the vanished worker, and that they move on.
-            lost_deadline = time.monotonic() + 60
-            while not saw_lost and time.monotonic() < lost_deadline:
-                steps = client.snapshot(export_id).steps
-                saw_lost = any(s.lost_worker for s in steps)
-                time.sleep(0.5)
-            assert saw_lost, "status never showed a layer on the lost worker"
+        time.sleep(0.5)
+    lost_deadline = time.monotonic() + 60
+    while not saw_lost and time.monotonic() < lost_deadline:
+        saw_lost = any(s.lost_worker for s in client.snapshot(export_id).steps)
+        time.sleep(0.5)
+    assert saw_lost, "status never showed a layer on a lost worker"
 
     result = wait_supervised(client, export_id, supervisor, timeout=300)
     recovered_in = time.monotonic() - last_kill

@@ -41,6 +41,8 @@ def step_json(step: StepStatus) -> dict[str, Any]:
         "status": step.status,
         "bytes_done": step.bytes_done,
         "error": step.error,
+        "worker": step.worker,
+        "worker_lost_seconds": round(step.lost_worker[1], 1) if step.lost_worker else None,
     }
 
 
