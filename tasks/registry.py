@@ -220,7 +220,7 @@ def register(
     scope: str,
     export_id: str,
     digests: Collection[str],
-    ttl: int,
+    ttl: float,
     *,
     wait: float = DEFAULT_BATCH_LEASE + 5.0,
 ) -> None:
