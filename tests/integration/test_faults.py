@@ -26,7 +26,7 @@ from tasks.cacheformat import decode_config, descriptors_from_annotations
 from tests.faultproxy import FaultPlan, FaultProxy
 from tests.integration.test_export import assert_sound_cache
 from tests.stack import Worker, child_pids, s3_client, worker_env
-from worker.client import LOST_AFTER, Client, ExportError
+from worker.client import Client, ExportError
 from worker.embedded import ServerProcess, start_redis
 from worker.samplecache import SampleCache, write_sample_cache
 
@@ -515,7 +515,7 @@ def wait_supervised(
     while True:
         supervisor.check()
         try:
-            return client.wait(export_id, timeout=LOST_AFTER + 2, interval=0.2)
+            return client.wait(export_id, timeout=5, interval=0.2)
         except TimeoutError:
             assert time.monotonic() < deadline, f"export {export_id} hangs"
 
