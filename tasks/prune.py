@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tasks.cacheformat import (
     CacheConfig,
@@ -38,7 +39,7 @@ from tasks.cacheformat import (
     encode_config,
     manifest_bytes,
 )
-from tasks.request import S3Spec
+from tasks.request import RequestError, S3Spec, error_message, parse_go_duration
 from tasks.s3client import error_code, is_not_found
 from tasks.sources.common import MAX_METADATA_BYTES
 
@@ -53,6 +54,53 @@ _DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 
 class PruneError(ValueError):
     """The prune cannot run as asked; the message names the option at fault."""
+
+
+class PruneRequest(BaseModel):
+    """A prune as the command line, the schedule and the task message carry it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cache: S3Spec
+    grace: float = Field(default=24 * 3600.0, ge=0, description="Go duration or seconds.")
+    expire_names: float | None = Field(default=None, ge=0, description="Go duration or seconds.")
+    keep_names: list[str] = Field(default_factory=list, description="Globs of names to keep.")
+    dry_run: bool = False
+
+    @field_validator("grace", "expire_names", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_go_duration(value) if isinstance(value, str) else value
+
+    @field_validator("keep_names")
+    @classmethod
+    def _globs(cls, value: list[str]) -> list[str]:
+        try:
+            return list(check_globs(value))
+        except PruneError as exc:
+            raise ValueError(str(exc).removeprefix("--keep-names: ")) from None
+
+    def options(self, parallelism: int = 16) -> PruneOptions:
+        return PruneOptions(
+            grace=self.grace,
+            expire_names=self.expire_names,
+            keep_names=tuple(self.keep_names),
+            dry_run=self.dry_run,
+            parallelism=parallelism,
+        )
+
+
+def parse_prune_request(data: dict[str, Any]) -> PruneRequest:
+    """Validate a prune message; errors name the field (``grace: ...``)."""
+    try:
+        request = PruneRequest.model_validate(data)
+    except ValidationError as exc:
+        raise RequestError(error_message(exc, whole="prune request")) from None
+    try:
+        check_layout(request.cache)
+    except PruneError as exc:
+        raise RequestError(str(exc)) from None
+    return request
 
 
 @dataclass(frozen=True)

@@ -407,3 +407,19 @@ def acquire_prune(
 ) -> PruneLock:
     """The scope's prune lock, to be entered with ``with``; raises ``PruneBusyError`` there."""
     return PruneLock(redis, scope, lock_ttl=lock_ttl, batch_lease=batch_lease)
+
+
+class RegistryView:
+    """A dry run's guard: it reads what is registered and never holds a batch mark."""
+
+    def __init__(self, redis: RedisLike, scope: str) -> None:
+        self.redis = redis
+        self.scope = scope
+
+    def protected(self) -> set[str]:
+        return registered(self.redis, self.scope)
+
+    @contextmanager
+    def delete_batch(self) -> Iterator[set[str]]:
+        raise RegistryError("a dry run deletes nothing")
+        yield set()  # pragma: no cover - makes this a generator

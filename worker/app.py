@@ -78,6 +78,7 @@ app = Celery(
         "tasks.jobs.export",
         "tasks.jobs.copy_layer",
         "tasks.jobs.finalize",
+        "tasks.jobs.prune",
         "worker.health",
         "worker.leases",
     ],
