@@ -18,6 +18,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from tasks.settings import Settings, get_settings
+from worker.schedule import beat_schedule
 
 # About 17 s of retrying, for publishes and for every command on the result backend.
 PUBLISH_RETRY = {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2}
@@ -69,6 +70,7 @@ def configure(app: Celery, settings: Settings) -> None:
         # chord's callback) waits that long instead of being lost after Celery's 0.6 s.
         task_publish_retry_policy=PUBLISH_RETRY,
         timezone="UTC",
+        beat_schedule=beat_schedule(settings),
     )
 
 

@@ -273,3 +273,45 @@ def test_six_exports_sharing_layers_survive_a_pruning_loop(
     assert final["names_kept"] == sorted(caches)
     for name in caches:
         assert verify_cache(s3, spec(bucket, s3_server, name), deep=True).sound
+
+
+def test_celery_beat_runs_the_scheduled_prune(
+    env: dict[str, str],
+    workers: Callable[..., Worker],
+    source_root: Path,
+    bucket: str,
+    s3: Any,
+    s3_server: ServerProcess,
+    tmp_path: Path,
+) -> None:
+    env = {
+        **env,
+        "CACHESHIP_PRUNE_SCHEDULE": "2s",
+        "CACHESHIP_PRUNE_CACHE": f"type=s3,bucket={bucket}",
+        "CACHESHIP_PRUNE_GRACE": "0s",
+    }
+    workers(env, name="w1", concurrency=2)
+    client = Client(env["CACHESHIP_REDIS_URL"])
+    digests = write_cache(source_root / "app", [41, 42])
+    junk = {f"blobs/sha256:{i:064x}" for i in range(1, 6)}
+    for key in junk:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"garbage")
+    client.wait(export(client, source_root / "app", bucket, "app"), timeout=600)
+    log = (tmp_path / "beat.log").open("wb")
+    beat = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "worker", "beat", "--loglevel", "INFO",
+         "--schedule", str(tmp_path / "beat-schedule")],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while junk & keys(s3, bucket) and time.monotonic() < deadline:
+            time.sleep(1)
+    finally:
+        beat.terminate()
+        beat.wait(30)
+        log.close()
+    assert not junk & keys(s3, bucket), (tmp_path / "beat.log").read_text()[-3000:]
+    assert "cacheship.prune" in (tmp_path / "beat.log").read_text()
+    report = verify_cache(s3, spec(bucket, s3_server, "app"), deep=True)
+    assert report.sound and {b.digest for b in report.blobs} == set(digests)
