@@ -74,6 +74,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "tls": [{"hosts": ["flower.example.com"], "secretName": "flower-tls"}],
             }
         },
+        "prune": {
+            "enabled": True,
+            "cache": "type=s3,bucket=ci-cache,prefix=team/",
+            "expireNames": "720h",
+            "keepNames": ["main", "release/*"],
+        },
         "commonLabels": {"team": "build"},
         "commonAnnotations": {"owner": "platform"},
     },

@@ -43,6 +43,13 @@ minute, a short stall of a healthy worker (GC, a Redis fail-over) would hand its
 {{- fail "s3.credentials.source=irsa annotates the chart's ServiceAccount: serviceAccount.create must be true (or annotate your own and use source=none)" }}
 {{- end }}
 
+{{- if and .Values.prune.enabled (not .Values.prune.cache) }}
+{{- fail "prune.cache (type=s3,bucket=...) is required when prune.enabled is true" }}
+{{- end }}
+{{- if and .Values.prune.enabled .Values.s3.allowedBuckets (not (regexMatch (printf "(^|,)bucket=(%s)(,|$)" (join "|" .Values.s3.allowedBuckets)) .Values.prune.cache)) }}
+{{- fail "prune.cache names a bucket outside s3.allowedBuckets: the workers would refuse it" }}
+{{- end }}
+
 {{- if and .Values.flower.enabled .Values.flower.auth.enabled (not .Values.flower.auth.existingSecret) (not .Values.flower.auth.username) }}
 {{- fail "flower.auth.username is required when the chart creates Flower's auth Secret" }}
 {{- end }}
