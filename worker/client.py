@@ -238,11 +238,15 @@ class Client:
             item.status = "done" if done else ("writing" if current else "waiting")
             item.bytes_done = item.size if done else 0
             return item
-        res = self._result(item.task_id)
-        item.state = res.state
-        info = res.info
-        if isinstance(info, dict) and item.state in ("STARTED", "PROGRESS"):
-            item.worker = str(info.get("worker") or info.get("hostname") or "") or None
+        backend: Any = self.app.backend
+        meta = backend.get_task_meta(item.task_id)  # one read: state, result and worker
+        item.state = str(meta.get("status", "PENDING"))
+        info = meta.get("result")
+        if item.state in ("STARTED", "PROGRESS"):
+            started_on = meta.get("worker") or (
+                info.get("hostname") if isinstance(info, dict) else None
+            )
+            item.worker = str(started_on) if started_on else None
         if item.state == "SUCCESS":
             outcome = (outcomes or {}).get(item.digest, {})
             item.bytes_done, item.status = item.size, str(outcome.get("action", "done"))

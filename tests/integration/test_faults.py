@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +54,6 @@ def local(cache: SampleCache) -> dict[str, Any]:
 
 def target(bucket: str, **attrs: Any) -> dict[str, Any]:
     return {"type": "s3", "bucket": bucket, **attrs}
-
-
-@pytest.fixture
-def proxy(s3_server: ServerProcess) -> Iterator[FaultProxy]:
-    with FaultProxy(s3_server.url, seed=20260101, max_seconds=600) as running:
-        yield running
-
-
-@pytest.fixture
-def client(redis_server: ServerProcess) -> Client:
-    return Client(redis_server.url)
 
 
 def proxied_env(
