@@ -399,6 +399,8 @@ def prune_cache(
             return obj, None, f"the config does not parse: {exc}"
         except (ClientError, BotoCoreError) as exc:
             return obj, None, f"cannot be read: {_describe(exc)}"
+        except Exception as exc:  # whatever it is, this name's blobs are unknown
+            return obj, None, f"cannot be read: {type(exc).__name__}: {exc}"
 
     workers = max(1, min(options.parallelism, len(live) or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
