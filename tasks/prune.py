@@ -209,6 +209,7 @@ class _Object:
     key: str
     size: int
     last_modified: datetime
+    etag: str = ""
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,11 @@ def list_objects(client: S3Client, bucket: str, prefix: str) -> tuple[list[_Obje
         if now is None:
             now = _server_now(page)
         for item in page.get("Contents", []):
-            found.append(_Object(item["Key"], int(item["Size"]), item["LastModified"]))
+            found.append(
+                _Object(
+                    item["Key"], int(item["Size"]), item["LastModified"], item.get("ETag", "")
+                )
+            )
     return found, now or datetime.now(UTC)
 
 
@@ -336,6 +341,17 @@ def _read_name(client: S3Client, bucket: str, key: str) -> set[str]:
         raise FormatError(f"is {size} bytes, over the {MAX_METADATA_BYTES} bytes read")
     config = decode_config(obj["Body"].read())
     return name_references(config)
+
+
+def _unchanged(client: S3Client, bucket: str, obj: _Object) -> bool:
+    """Is the name still the object the listing showed (gone counts as unchanged)?"""
+    try:
+        head = client.head_object(Bucket=bucket, Key=obj.key)
+    except ClientError as exc:
+        if is_not_found(exc):
+            return True
+        raise
+    return head.get("ETag", "") == obj.etag and head["LastModified"] <= obj.last_modified
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -456,6 +472,19 @@ def prune_cache(
 
     if expired:
         on_progress(PruneProgress("deleting names", 0, len(expired)))
+        workers = max(1, min(options.parallelism, len(expired)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            rewritten = [o for o, same in zip(expired, pool.map(
+                lambda o: _unchanged(client, bucket, o), expired), strict=True) if not same]
+        if rewritten:
+            # Written again since the listing: it is not old, and its new references are
+            # unknown to this prune. Delete nothing; the next run reads it.
+            report.names_kept = [o.key[len(names_prefix) :] for o in names]
+            report.blobs_kept_failed += len(candidates)
+            report.problems.append(
+                f"{rewritten[0].key} was written again during the prune: nothing deleted"
+            )
+            return report
         failed: dict[str, str] = {}
         for chunk in _chunks([o.key for o in expired], options.batch_size):
             failed |= _delete_keys(client, bucket, chunk)

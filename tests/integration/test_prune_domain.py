@@ -197,3 +197,28 @@ def test_overlapping_prefixes_are_refused_before_anything_is_read(
     target = S3Spec(bucket=bucket, blobs_prefix="c/", manifests_prefix="c/m/")
     with pytest.raises(PruneError, match="overlap"):
         run(redis, s3, target)
+
+
+def test_a_name_written_again_during_the_prune_stops_it(
+    s3: Any, bucket: str, s3_server: ServerProcess, redis: Any, tmp_path: Path
+) -> None:
+    """An expired name rewritten after the listing is not old: nothing is deleted."""
+    target = spec_for(bucket, s3_server, ["app"])
+    export_sample(s3, tmp_path, target, [2200], seed=9)
+    garbage(s3, target, 3)
+    time.sleep(1.1)
+    body = s3.get_object(Bucket=bucket, Key=target.manifest_key("app"))["Body"].read()
+
+    def rewrite(progress: PruneProgress) -> None:
+        if progress.phase == "deleting names":
+            time.sleep(1.1)  # a later Last-Modified, on a clock of one-second steps
+            s3.put_object(Bucket=bucket, Key=target.manifest_key("app"), Body=body + b" ")
+
+    before = keys(s3, bucket)
+    with acquire_prune(redis, scope_of(target)) as guard:
+        report = prune_cache(
+            s3, target, guard, PruneOptions(grace=0, expire_names=0), on_progress=rewrite
+        )
+    assert keys(s3, bucket) == before
+    assert not report.ok and "written again" in report.problems[0]
+    assert report.names_removed == [] and report.blobs_removed == 0
