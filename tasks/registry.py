@@ -142,7 +142,7 @@ _REGISTERED = (
     + """
 local since = ARGV[2] ~= '' and ARGV[2] or tostring(now)
 local out = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. since, '+inf')) do
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], since, '+inf')) do
   for _, d in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'digests:' .. id)) do
     out[#out + 1] = d
   end
@@ -187,7 +187,7 @@ local n = redis.call('INCR', KEYS[3])
 local mark = ARGV[2] .. ':' .. n
 redis.call('SET', KEYS[2], mark, 'PX', ARGV[4])
 local out = {mark}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '(' .. ARGV[3], '+inf')) do
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[3], '+inf')) do
   for _, d in ipairs(redis.call('SMEMBERS', ARGV[1] .. 'digests:' .. id)) do
     out[#out + 1] = d
   end
@@ -275,7 +275,7 @@ def release(redis: RedisLike, scope: str, export_id: str) -> None:
 
 
 def registered(redis: RedisLike, scope: str, since_ms: int | None = None) -> set[str]:
-    """Digests protected now (or, with ``since_ms``, by registrations counting after it)."""
+    """Digests protected now (or, with ``since_ms``, by registrations counting at or after it)."""
     k = _keys(scope)
     found = redis.eval(
         _REGISTERED, 1, k["exports"], k["base"], "" if since_ms is None else str(since_ms)
