@@ -18,6 +18,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from tasks.settings import Settings, get_settings
+from worker import metrics as _metrics  # noqa: F401  (its signal handlers serve /metrics)
 from worker.schedule import beat_schedule
 
 # About 17 s of retrying, for publishes and for every command on the result backend.

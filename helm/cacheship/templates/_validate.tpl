@@ -49,6 +49,9 @@ minute, a short stall of a healthy worker (GC, a Redis fail-over) would hand its
 {{- if and .Values.prune.enabled .Values.s3.allowedBuckets (not (regexMatch (printf "(^|,)bucket=(%s)(,|$)" (join "|" .Values.s3.allowedBuckets)) .Values.prune.cache)) }}
 {{- fail "prune.cache names a bucket outside s3.allowedBuckets: the workers would refuse it" }}
 {{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled: the workers serve no metrics otherwise" }}
+{{- end }}
 
 {{- if and .Values.flower.enabled .Values.flower.auth.enabled (not .Values.flower.auth.existingSecret) (not .Values.flower.auth.username) }}
 {{- fail "flower.auth.username is required when the chart creates Flower's auth Secret" }}
