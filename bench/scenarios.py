@@ -45,6 +45,8 @@ class Sizes:
     scale: tuple[int, ...]
     scale_layer: int
     smoke: bool = False
+    # Scenario 7: blobs in the bucket and names (three layers each) referencing some.
+    prune: tuple[int, int] = (100_000, 1_000)
 
     @classmethod
     def full(cls, runs: int) -> Sizes:
@@ -67,6 +69,7 @@ class Sizes:
             scale=(5, 10, 20),
             scale_layer=4 * KiB,
             smoke=True,
+            prune=(300, 10),
         )
 
 
@@ -482,10 +485,18 @@ def normalize(ctx: Context) -> list[Row]:
     ]
 
 
+def prune(ctx: Context) -> list[Row]:
+    """Scenario 7 lives in ``bench/prune.py``."""
+    from bench.prune import prune as run_prune
+
+    return run_prune(ctx)
+
+
 SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
     "big": big_layers,
     "small": small_layers_and_warm,
     "memory": memory,
     "scale": scale,
     "normalize": normalize,
+    "prune": prune,
 }

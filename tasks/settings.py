@@ -87,6 +87,23 @@ class Settings(BaseSettings):
         default=None, description="File the worker touches while alive (liveness probe)."
     )
     log_level: str = Field(default="INFO", description="Worker log level.")
+    prune_schedule: str | None = Field(
+        default=None,
+        description=(
+            "Run prune periodically from Celery beat: a cron expression ('17 3 * * *') or a "
+            "Go duration ('6h'). Empty: never. Run one beat process only."
+        ),
+    )
+    prune_cache: str | None = Field(
+        default=None, description="The cache the scheduled prune collects (type=s3,bucket=...)."
+    )
+    prune_grace: str = Field(default="24h", description="Grace period of scheduled prunes.")
+    prune_expire_names: str | None = Field(
+        default=None, description="Scheduled prunes also delete names older than this."
+    )
+    prune_keep_names: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Names scheduled prunes never expire (globs, commas)."
+    )
     metrics_port: int | None = Field(
         default=None,
         ge=1,
@@ -117,6 +134,19 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("prune_keep_names", mode="before")
+    @classmethod
+    def _globs(cls, value: object) -> object:
+        # Globs may hold ':' (unlike paths and buckets): commas only.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("prune_schedule", "prune_cache", "prune_expire_names", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
 
 @lru_cache(maxsize=1)

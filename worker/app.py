@@ -19,6 +19,7 @@ from redis.retry import Retry
 
 from tasks.settings import Settings, get_settings
 from worker import metrics as _metrics  # noqa: F401  (its signal handlers serve /metrics)
+from worker.schedule import beat_schedule
 
 # About 17 s of retrying, for publishes and for every command on the result backend.
 PUBLISH_RETRY = {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2}
@@ -70,6 +71,7 @@ def configure(app: Celery, settings: Settings) -> None:
         # chord's callback) waits that long instead of being lost after Celery's 0.6 s.
         task_publish_retry_policy=PUBLISH_RETRY,
         timezone="UTC",
+        beat_schedule=beat_schedule(settings),
     )
 
 
@@ -79,6 +81,7 @@ app = Celery(
         "tasks.jobs.export",
         "tasks.jobs.copy_layer",
         "tasks.jobs.finalize",
+        "tasks.jobs.prune",
         "worker.health",
         "worker.leases",
     ],

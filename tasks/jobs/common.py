@@ -19,7 +19,7 @@ from celery import Task
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
-from tasks import metrics, state
+from tasks import metrics, registry, state
 from tasks.cacheformat import FormatError
 from tasks.ingester import DigestMismatchError, IngestError
 from tasks.request import LocalSpec, RequestError, S3Spec
@@ -137,6 +137,7 @@ def finish_export(
     outcome = "1" if error is None else "0"
     if not redis.set(f"cacheship-finished-{export_id}", outcome, nx=True, ex=ttl):
         return
+    _release(redis, export_id)
     started = export_started_at(redis, export_id)
     runtime = time.time() - started if started else 0.0
     metrics.export_finished("success" if error is None else "failure", runtime if started else None)
@@ -156,6 +157,15 @@ def finish_export(
         task, export_id, "task-failed", exception=f"ExportFailed({error!r})", traceback=""
     )
     logger.warning("export %s failed: %s", export_id, error)
+
+
+def _release(redis: Any, export_id: str) -> None:
+    """The names are written (or never will be): prune may judge these blobs by the names."""
+    try:
+        target = S3Spec.model_validate(state.load_plan(redis, export_id)["target"])
+        registry.release(redis, registry.scope_of(target), export_id)
+    except Exception as exc:  # the registration then lapses with its TTL
+        logger.warning("export %s: registration not released: %s", export_id, exc)
 
 
 def _export_event(task: Task[Any, Any], export_id: str, kind: str, **fields: Any) -> None:

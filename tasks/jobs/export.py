@@ -14,7 +14,7 @@ from typing import Any
 from celery import Task, chord, shared_task
 from celery.exceptions import Ignore
 
-from tasks import metrics, state
+from tasks import metrics, registry, state
 from tasks.cacheformat import EmptyCacheError
 from tasks.jobs.common import (
     PERMANENT,
@@ -125,6 +125,14 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
         "target": describe(req.target),
     }
     self.update_state(state=PROGRESS, meta=meta)
+    # Before any layer task looks at the bucket: a prune now leaves these blobs alone, and
+    # one deleting right now finishes its batch first (docs/prune.md). A redelivery after
+    # the export ended registers nothing (nobody would release it).
+    if not redis.exists(f"cacheship-finished-{export_id}"):
+        digests = [d.digest for d in plan.layers]
+        digests += [plan.config_desc.digest, plan.manifest_desc.digest]
+        scope = registry.scope_of(req.target)
+        registry.register(redis, scope, export_id, digests, ttl=config.result_expires)
     if redis.set(f"cacheship-dispatched-{export_id}", "1", nx=True, ex=config.result_expires):
         header = [
             copy_layer.s(export_id, source, target, layer).set(

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 from celery import Task, shared_task
 
-from tasks import state
+from tasks import registry, state
 from tasks.jobs.common import (
     ExportFailed,
     finish_export,
@@ -70,7 +70,11 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         # completed, or HEAD found it with its size) during this export: only the others
         # are checked again.
         outcomes = state.load_outcomes(redis, export_id)
-        missing = store.missing([d for d in plan.layers if d.digest not in outcomes])
+        unconfirmed = [d for d in plan.layers if d.digest not in outcomes]
+        if registry.deleted_since_registered(redis, registry.scope_of(target), export_id):
+            # A prune deleted meanwhile: trust the bucket, not what the layer tasks saw.
+            unconfirmed = list(plan.layers)
+        missing = store.missing(unconfirmed)
         if missing:
             raise IncompleteCacheError(f"layers missing from the bucket: {', '.join(missing[:5])}")
         publish("writing", steps[-2]["name"])

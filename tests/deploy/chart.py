@@ -76,6 +76,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "tls": [{"hosts": ["flower.example.com"], "secretName": "flower-tls"}],
             }
         },
+        "prune": {
+            "enabled": True,
+            "cache": "type=s3,bucket=ci-cache,prefix=team/",
+            "expireNames": "720h",
+            "keepNames": ["main", "release/*"],
+        },
         "metrics": {
             "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
             "dashboard": {"enabled": True},

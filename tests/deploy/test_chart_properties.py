@@ -491,9 +491,13 @@ def test_network_policies_fence_every_component() -> None:
         p["metadata"]["labels"]["app.kubernetes.io/component"]: p
         for p in rendered.of_kind("NetworkPolicy")
     }
-    assert set(policies) == {"worker", "flower", "redis"}
+    assert set(policies) == {"worker", "flower", "redis", "prune"}
     for component, policy in policies.items():
-        pods = rendered.one("Deployment", component)["spec"]["template"]["metadata"]["labels"]
+        if component == "prune":
+            job = rendered.one("CronJob", "prune")["spec"]["jobTemplate"]["spec"]
+            pods = job["template"]["metadata"]["labels"]
+        else:
+            pods = rendered.one("Deployment", component)["spec"]["template"]["metadata"]["labels"]
         assert policy["spec"]["podSelector"]["matchLabels"].items() <= pods.items()
         assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
 
@@ -510,12 +514,60 @@ def test_network_policies_fence_every_component() -> None:
         for p in allowed
         if "podSelector" in p
     }
-    assert components == {"worker", "flower"}
+    assert components == {"worker", "flower", "prune"}
     # KEDA's operator reads the queue length from another namespace.
     assert {
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}
     } in allowed
     assert redis["egress"] == []
+
+
+# The periodic prune ----------------------------------------------------------------------------
+
+
+def test_no_prune_job_by_default(defaults: Rendered) -> None:
+    assert not defaults.of_kind("CronJob")
+
+
+def test_the_prune_job_runs_the_command_line_against_the_workers() -> None:
+    from tasks.prune import parse_prune_request
+    from worker.cli.prune import build_request
+
+    rendered = render(VALUE_SETS["everything"])
+    cron = rendered.one("CronJob", "prune")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cron["spec"]["schedule"] == "17 3 * * *"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (job,) = pod["containers"]
+    assert job["securityContext"]["readOnlyRootFilesystem"] is True
+    args = job["args"]
+    assert args[0] == "prune" and "--wait" in args
+    # The arguments are what the command line accepts, and mean what the values say.
+    options = dict(a[2:].split("=", 1) for a in args if "=" in a)
+    request = parse_prune_request(
+        build_request(options["cache"], options["grace"], options.get("expire-names"),
+                      tuple(a.split("=", 1)[1] for a in args if a.startswith("--keep-names=")),
+                      "--dry-run" in args)
+    )
+    assert request.cache.bucket == "ci-cache" and request.cache.prefix == "team/"
+    assert request.expire_names == 720 * 3600 and request.keep_names == ["main", "release/*"]
+    env = env_of(job)
+    assert set(env) == {"CACHESHIP_REDIS_URL", "CACHESHIP_QUEUE"}  # no S3 credentials
+    assert "secretKeyRef" in env["CACHESHIP_REDIS_URL"]
+
+
+@pytest.mark.parametrize(
+    ("prune", "message"),
+    [
+        ({"enabled": True}, "prune.cache"),
+        ({"enabled": True, "cache": "type=s3,bucket=elsewhere"}, "outside s3.allowedBuckets"),
+    ],
+)
+def test_a_prune_job_without_a_usable_cache_is_refused(prune: dict[str, Any], message: str) -> None:
+    with pytest.raises(Exception, match=message):
+        render({"prune": prune, "s3": {"allowedBuckets": ["ci-cache"]}})
 
 
 # Metrics ---------------------------------------------------------------------------------

@@ -258,3 +258,31 @@ def test_host_cli_reaches_the_published_redis(
     assert url.password == dotenv["REDIS_PASSWORD"]
     redis_ports = published(services(model)["redis"])
     assert (url.hostname, str(url.port), "6379") in redis_ports
+
+
+# The periodic prune ----------------------------------------------------------------------------
+
+
+def test_the_prune_scheduler_is_off_unless_its_profile_is_chosen(
+    model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.schedule import PRUNE_ENTRY, beat_schedule
+
+    scheduler = services(model)["scheduler"]
+    assert scheduler["profiles"] == ["prune"]
+    assert "deploy" not in scheduler and "ports" not in scheduler
+    for name, service in services(model).items():
+        if name != "scheduler":
+            assert "beat" not in (service.get("command") or []), name
+    process = compose.service_process("scheduler")
+    assert process.argv[:4] == ["celery", "-A", "worker", "beat"]
+    for name in list(os.environ):
+        if name.startswith("CACHESHIP_"):
+            monkeypatch.delenv(name)
+    for name, value in process.environment.items():
+        assert name[len("CACHESHIP_") :].lower() in Settings.model_fields, name
+        monkeypatch.setenv(name, value)
+    entry = beat_schedule(Settings())[PRUNE_ENTRY]
+    (request,) = entry["args"]
+    assert request["cache"]["bucket"] == compose.read_env_file()["CACHESHIP_BUCKET"]
+    assert request["grace"] == 24 * 3600 and request["expire_names"] is None

@@ -43,6 +43,12 @@ minute, a short stall of a healthy worker (GC, a Redis fail-over) would hand its
 {{- fail "s3.credentials.source=irsa annotates the chart's ServiceAccount: serviceAccount.create must be true (or annotate your own and use source=none)" }}
 {{- end }}
 
+{{- if and .Values.prune.enabled (not .Values.prune.cache) }}
+{{- fail "prune.cache (type=s3,bucket=...) is required when prune.enabled is true" }}
+{{- end }}
+{{- if and .Values.prune.enabled .Values.s3.allowedBuckets (not (regexMatch (printf "(^|,)bucket=(%s)(,|$)" (join "|" .Values.s3.allowedBuckets)) .Values.prune.cache)) }}
+{{- fail "prune.cache names a bucket outside s3.allowedBuckets: the workers would refuse it" }}
+{{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled: the workers serve no metrics otherwise" }}
 {{- end }}
