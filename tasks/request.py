@@ -297,7 +297,7 @@ class ExportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: Source
-    target: S3Spec
+    target: Target
 
 
 _FRIENDLY = {
@@ -384,6 +384,11 @@ def parse_spec(text: str, role: str = "cache") -> LocalSpec | S3Spec:
         return _SPEC_ADAPTER.validate_python(items)
     except ValidationError as exc:
         raise RequestError(error_message(exc, role)) from None
+
+
+def target_from_json(data: dict[str, Any]) -> LocalTargetSpec | S3Spec:
+    """A target as stored with an export's plan (written by us, validated again)."""
+    return _TARGET_ADAPTER.validate_python(data)
 
 
 def parse_target(text: str, role: str = "target") -> LocalTargetSpec | S3Spec:

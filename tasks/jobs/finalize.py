@@ -22,7 +22,7 @@ from tasks.jobs.common import (
 from tasks.plan import ExportPlan
 from tasks.progress import PROGRESS, now_iso
 from tasks.publish import IncompleteCacheError
-from tasks.request import S3Spec
+from tasks.request import S3Spec, target_from_json
 
 
 @shared_task(bind=True, name="cacheship.finalize", max_retries=None)
@@ -34,7 +34,7 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
     except LookupError as exc:
         _fail(self, export_id, str(exc))
     plan = ExportPlan.from_json(stored["plan"])
-    target = S3Spec.model_validate(stored["target"])
+    target = target_from_json(stored["target"])
     steps: list[dict[str, Any]] = stored["steps"]
     store = open_target(target, config, redis)
     base = {
@@ -87,7 +87,7 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         "export_id": export_id,
         "cache.manifest": plan.manifest_desc.to_json(),
         "config": plan.config_desc.digest,
-        "bucket": target.bucket,
+        **({"bucket": target.bucket} if isinstance(target, S3Spec) else {"dest": target.dest}),
         "names": keys,
         "layers": len(plan.layers),
         "layers_uploaded": counts["uploaded"],

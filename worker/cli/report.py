@@ -96,7 +96,7 @@ def summary_lines(result: dict[str, Any], elapsed: float | None = None) -> list[
         lines.append(f"  config    {result['config']}")
     bucket = result.get("bucket", "")
     for key in result.get("names", []):
-        lines.append(f"  name      s3://{bucket}/{key}")
+        lines.append(f"  name      s3://{bucket}/{key}" if bucket else f"  name      {key}")
     return lines
 
 
