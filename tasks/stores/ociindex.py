@@ -40,7 +40,6 @@ LAYOUT_BYTES: Final = b'{"imageLayoutVersion":"1.0.0"}'
 OCI_INDEX: Final = "application/vnd.oci.image.index.v1+json"
 REF_NAME: Final = "org.opencontainers.image.ref.name"
 IMAGE_NAME: Final = "io.containerd.image.name"
-_TMP_PREFIX: Final = INDEX_FILE + ".tmp-"
 
 _INDEX: Final = gojson.Fields(
     "schemaVersion", "mediaType", "artifactType", "manifests", "subject", "annotations"
@@ -209,8 +208,9 @@ def put_tagged(directory: Path, desc: Descriptor, tag: str) -> bytes:
     """
     with index_lock(directory):
         # Temporary files of a writer that died while holding the lock: only holders write.
-        for stale in directory.glob(_TMP_PREFIX + "*"):
-            stale.unlink(missing_ok=True)
+        for name in (INDEX_FILE, LAYOUT_FILE):
+            for stale in directory.glob(f"{name}.tmp-*"):
+                stale.unlink(missing_ok=True)
         try:
             old = (directory / INDEX_FILE).read_bytes()
         except FileNotFoundError:

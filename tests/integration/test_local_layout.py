@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import pytest
 
-from tasks.cacheformat import MEDIA_TYPE_CACHE_CONFIG, Descriptor, decode_manifest
+from tasks.cacheformat import MEDIA_TYPE_CACHE_CONFIG, Descriptor, FormatError, decode_manifest
 from tasks.ingester import DigestMismatchError
 from tasks.plan import ExportPlan, plan_export
 from tasks.request import LocalSpec, LocalTargetSpec, RequestError, parse_target
@@ -378,3 +378,19 @@ def test_the_verify_command_reads_a_local_directory(roots: tuple[Path, Path]) ->
     report = json.loads(broken.stdout)
     assert report["directory"] == str(sample.path) and not report["sound"]
     assert report["problems"][0]["where"] == sample.layers[2].digest.join(("layer ", ""))
+
+
+def test_index_writes_clean_a_dead_writers_files_and_refuse_an_unreadable_index(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "index.json.tmp-dead").write_text("{half")
+    (tmp_path / "oci-layout.tmp-dead").write_text("{")
+    desc = Descriptor(MANIFEST, "sha256:" + "a" * 64, 10)
+    put_tagged(tmp_path, desc, "latest")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "oci-layout"]
+
+    (tmp_path / "index.json").write_bytes(b'{"manifests": 7}')
+    with pytest.raises(FormatError, match=r"index\.json: manifests: expected an array"):
+        put_tagged(tmp_path, desc, "v2")
+    assert (tmp_path / "index.json").read_bytes() == b'{"manifests": 7}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "oci-layout"]
