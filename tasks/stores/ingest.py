@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import stat
 import uuid
 from pathlib import Path
 from typing import Final
@@ -39,11 +40,15 @@ def blob_file(directory: Path, digest: str) -> Path:
 
 
 def present(directory: Path, digest: str, size: int) -> bool:
-    """The blob is stored with its size (the bytes were checked when it was committed)."""
+    """The blob is stored with its size (the bytes were checked when it was committed).
+
+    Only a regular file counts: a symlink planted under a digest is replaced, not trusted.
+    """
     try:
-        return blob_file(directory, digest).stat().st_size == size
+        info = os.lstat(blob_file(directory, digest))
     except FileNotFoundError:
         return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == size
 
 
 def _try_lock(fd: int) -> bool:

@@ -394,3 +394,21 @@ def test_index_writes_clean_a_dead_writers_files_and_refuse_an_unreadable_index(
         put_tagged(tmp_path, desc, "v2")
     assert (tmp_path / "index.json").read_bytes() == b'{"manifests": 7}'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "oci-layout"]
+
+
+def test_a_symlink_planted_under_a_digest_is_replaced_not_trusted(
+    roots: tuple[Path, Path], tmp_path: Path
+) -> None:
+    src_root, dest_root = roots
+    sample = write_sample_cache(src_root / "cache", SIZES[:1], image_manifest=True)
+    layer = sample.layers[0]
+    decoy = tmp_path / "decoy"
+    decoy.write_bytes(b"\0" * layer.size)  # the right size, other bytes
+    dest = dest_root / "out"
+    (dest / "blobs/sha256").mkdir(parents=True)
+    planted = dest / "blobs/sha256" / layer.digest[7:]
+    planted.symlink_to(decoy)
+    export(sample.path, src_root, target_for(f"type=local,dest={dest}", dest_root))
+    assert not planted.is_symlink()
+    assert planted.read_bytes() == (sample.path / "blobs/sha256" / layer.digest[7:]).read_bytes()
+    assert decoy.read_bytes() == b"\0" * layer.size

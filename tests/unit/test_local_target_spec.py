@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tasks.request import LocalTargetSpec, RequestError, parse_target
@@ -71,3 +73,14 @@ def test_bad_local_targets_get_one_line_naming_the_field(text: str, message: str
         parse_target(text)
     assert message in str(failure.value)
     assert "\n" not in str(failure.value)
+
+
+def test_the_cli_takes_a_relative_dest_from_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.cli.export import build_request
+
+    monkeypatch.chdir(str(tmp_path))
+    request = build_request("type=local,src=cache", "type=local,dest=node,tag=ci", None)
+    assert isinstance(request.target, LocalTargetSpec)
+    assert request.target.dest == f"{tmp_path}/node" and request.target.tag == "ci"
