@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -35,6 +36,7 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_NAME_BYTES = 1024
+_REPLACE = "replace-invalid"
 
 
 class RequestError(ValueError):
@@ -144,6 +146,33 @@ class S3Spec(_Spec):
     mode: Literal["min", "max"] | None = Field(
         default=None, description="Accepted for buildx compatibility; every record is copied."
     )
+    merge: Annotated[
+        Literal["false", "true", "replace-invalid"],
+        WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": ["false", "true", _REPLACE]}]}),
+    ] = Field(
+        default="false",
+        description="cacheship: merge into what each name holds instead of overwriting it; "
+        "replace-invalid also overwrites a name that holds no valid config.",
+    )
+    max_records: int | None = Field(
+        default=None, ge=1, description="cacheship, with merge: records a name keeps (20000)."
+    )
+    max_age: Annotated[
+        float | None,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "number", "exclusiveMinimum": 0},
+                    {"type": "string"},
+                    {"type": "null"},
+                ]
+            }
+        ),
+    ] = Field(
+        default=None,
+        gt=0,
+        description="cacheship, with merge: seconds (or 14d, 336h) after which stored results go.",
+    )
 
     @field_validator("bucket")
     @classmethod
@@ -187,11 +216,41 @@ class S3Spec(_Spec):
     def _duration(cls, value: Any) -> Any:
         return parse_go_duration(value) if isinstance(value, str) else value
 
+    @field_validator("merge", mode="before")
+    @classmethod
+    def _merge(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            value = {"1": True, "yes": True, "on": True, "0": False, "no": False, "off": False}.get(
+                value, value
+            )
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return value
+
+    @field_validator("max_age", mode="before")
+    @classmethod
+    def _age(cls, value: Any) -> Any:
+        if isinstance(value, str) and not re.fullmatch(r"\d+(\.\d*)?", value.strip()):
+            days, _, rest = value.strip().rpartition("d")
+            if days and not days.isdigit():
+                raise ValueError(f"{value!r} is not an age like 14d, 36h or 1d12h")
+            return int(days or 0) * 86400.0 + (parse_go_duration(rest) if rest else 0.0)
+        return value
+
     @model_validator(mode="after")
     def _image_manifest_needs_oci(self) -> S3Spec:
         if self.image_manifest and not self.oci_mediatypes:
             raise ValueError("image-manifest=true needs oci-mediatypes=true")
+        for bound in ("max_records", "max_age"):
+            if getattr(self, bound) is not None and self.merge == "false":
+                raise ValueError(f"{bound} only applies with merge=true")
         return self
+
+    @property
+    def merges(self) -> bool:
+        """Whether names are merged into (cacheship's ``merge``), not overwritten."""
+        return self.merge != "false"
 
     def blob_key(self, digest: str) -> str:
         """Where BuildKit looks for a blob."""
@@ -298,6 +357,12 @@ class ExportRequest(BaseModel):
 
     source: Source
     target: Target
+
+    @model_validator(mode="after")
+    def _merge_is_for_targets(self) -> ExportRequest:
+        if isinstance(self.source, S3Spec) and self.source.merges:
+            raise ValueError("source.merge: only a target can be merged into")
+        return self
 
 
 _FRIENDLY = {

@@ -91,6 +91,16 @@ class Settings(BaseSettings):
         default=None, description="File the worker touches while alive (liveness probe)."
     )
     log_level: str = Field(default="INFO", description="Worker log level.")
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port of the worker's Prometheus endpoint (/metrics); unset: no endpoint.",
+    )
+    metrics_address: str = Field(
+        default="0.0.0.0",
+        description="Address the Prometheus endpoint listens on (all interfaces by default).",
+    )
 
     def s3_client(self, spec: S3Spec) -> S3Client:
         """A client for the spec's bucket: its own endpoint and style, else these defaults."""

@@ -16,8 +16,9 @@ from tasks.cacheformat import Descriptor
 from tasks.copy import CopyOutcome, copy_blob
 from tasks.flight import lock_key, single_flight
 from tasks.ingester import open_uploads, stat
+from tasks.names import NameWrite, write_names
 from tasks.plan import ExportPlan
-from tasks.publish import missing_blobs, put_blob, put_names
+from tasks.publish import missing_blobs, put_blob
 from tasks.request import S3Spec
 
 if TYPE_CHECKING:
@@ -43,8 +44,11 @@ class Target(Protocol):
         """Store a small blob (config, manifest) under its digest."""
         ...
 
-    def write_names(self, plan: ExportPlan) -> list[str]:
-        """Point the cache's names at the plan; called only once every blob is stored."""
+    def write_names(
+        self, plan: ExportPlan, on_name: Callable[[NameWrite], None] = lambda write: None
+    ) -> list[NameWrite]:
+        """Point the cache's names at the plan (overwrite, or merge into what they hold);
+        called only once every blob is stored."""
         ...
 
     def abandon(self, digest: str) -> None:
@@ -98,8 +102,18 @@ class S3Target:
     def put_blob(self, desc: Descriptor, data: bytes) -> None:
         put_blob(self.client, self.spec, desc, data)
 
-    def write_names(self, plan: ExportPlan) -> list[str]:
-        return put_names(self.client, self.spec, plan.s3_config)
+    def write_names(
+        self, plan: ExportPlan, on_name: Callable[[NameWrite], None] = lambda write: None
+    ) -> list[NameWrite]:
+        return write_names(
+            self.client,
+            self.redis,
+            self.spec,
+            plan.s3_config,
+            on_name,
+            head_forbidden=self.head_forbidden,
+            on_wait=self.on_wait,
+        )
 
     def abandon(self, digest: str) -> None:
         key = self.spec.blob_key(digest)

@@ -41,6 +41,8 @@ ERRORS: dict[str, tuple[int, str, str]] = {
     "500": (500, "InternalError", "We encountered an internal error. Please try again."),
     "503": (503, "ServiceUnavailable", "Please reduce your request rate."),
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
+    # What a store without conditional writes answers to If-Match / If-None-Match.
+    "notimplemented": (501, "NotImplemented", "A header you provided is not implemented."),
 }
 
 
@@ -540,7 +542,9 @@ class FaultProxy:
             self.stats.errors += 1
             self.stats.faults_by_operation[f"{code} {request.operation}"] += 1
         body = b"" if request.method == "HEAD" else _error_body(code, message, request.path)
-        reason = "Internal Server Error" if status == 500 else "Service Unavailable"
+        reason = {500: "Internal Server Error", 501: "Not Implemented"}.get(
+            status, "Service Unavailable"
+        )
         head = (
             f"HTTP/1.1 {status} {reason}\r\n"
             "Content-Type: application/xml\r\n"

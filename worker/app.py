@@ -18,6 +18,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from tasks.settings import Settings, get_settings
+from worker import metrics as _metrics  # noqa: F401  (its signal handlers serve /metrics)
 
 # About 17 s of retrying, for publishes and for every command on the result backend.
 PUBLISH_RETRY = {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2}

@@ -19,7 +19,7 @@ from celery import Task
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
-from tasks import state
+from tasks import metrics, state
 from tasks.cacheformat import FormatError
 from tasks.ingester import DigestMismatchError, IngestError
 from tasks.request import LocalSpec, LocalTargetSpec, RequestError, S3Spec
@@ -120,6 +120,7 @@ def retry_or_fail(
         on_give_up()
         raise ExportFailed(f"{what}: gave up after {retries} retries: {exc}") from None
     countdown = get_exponential_backoff_interval(2, retries, 60, full_jitter=True)
+    metrics.task_retried(task.name)
     raise task.retry(args=args, exc=exc, countdown=countdown) from None
 
 
@@ -143,17 +144,16 @@ def finish_export(
     """
     redis = redis_of(task)
     ttl = int(task.app.conf.result_expires or 7 * 24 * 3600)
-    if not redis.set(f"cacheship-finished-{export_id}", "1" if error is None else "0",
-                     nx=True, ex=ttl):
+    outcome = "1" if error is None else "0"
+    if not redis.set(f"cacheship-finished-{export_id}", outcome, nx=True, ex=ttl):
         return
     started = export_started_at(redis, export_id)
     runtime = time.time() - started if started else 0.0
+    metrics.export_finished("success" if error is None else "failure", runtime if started else None)
     backend: Any = task.backend
     if error is None:
         backend.store_result(export_id, result, "SUCCESS")
-        task.send_event(
-            "task-succeeded", uuid=export_id, result=repr(result), runtime=runtime
-        )
+        _export_event(task, export_id, "task-succeeded", result=repr(result), runtime=runtime)
         return
     redis.set(cancelled_key(export_id), error, ex=ttl)
     # Layers still queued are dropped where they wait (Flower shows them REVOKED); one that
@@ -162,10 +162,16 @@ def finish_export(
     if layer_ids:
         task.app.control.revoke(layer_ids)
     backend.store_result(export_id, ExportFailed(error), "FAILURE")
-    task.send_event(
-        "task-failed", uuid=export_id, exception=f"ExportFailed({error!r})", traceback=""
+    _export_event(
+        task, export_id, "task-failed", exception=f"ExportFailed({error!r})", traceback=""
     )
     logger.warning("export %s failed: %s", export_id, error)
+
+
+def _export_event(task: Task[Any, Any], export_id: str, kind: str, **fields: Any) -> None:
+    """A task event about the export's id (not the sending task's): Flower's row for it."""
+    with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
+        dispatcher.send(kind, uuid=export_id, **fields)
 
 
 def _layer_task_ids(redis: Any, export_id: str) -> list[str]:

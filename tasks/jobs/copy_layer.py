@@ -8,12 +8,13 @@ to the layer (uploaded, skipped, touched, bytes) is recorded per export in Redis
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, NoReturn
 
 from celery import Task, shared_task
 from celery.exceptions import Ignore
 
-from tasks import state
+from tasks import metrics, state
 from tasks.cacheformat import Descriptor
 from tasks.jobs.common import (
     PERMANENT,
@@ -88,10 +89,12 @@ def copy_layer(
         redis,
         on_wait=lambda: publish(0, "waiting for another upload of this blob"),
     )
+    began = time.monotonic()
     try:
-        outcome = store.copy_layer(
-            desc, lambda: open_blob(req.source, desc.digest, config), throttle
-        )
+        with metrics.layer_in_flight():
+            outcome = store.copy_layer(
+                desc, lambda: open_blob(req.source, desc.digest, config), throttle
+            )
     except PERMANENT as exc:
         store.abandon(desc.digest)
         _fail(self, export_id, f"{step}: {exc}")
@@ -101,6 +104,8 @@ def copy_layer(
         except ExportFailed as failed:
             _fail(self, export_id, str(failed))
 
+    seconds = time.monotonic() - began
+    metrics.layer_finished(outcome.action, outcome.bytes_sent, desc.size, seconds)
     record = {
         "action": outcome.action,
         "bytes_sent": outcome.bytes_sent,

@@ -7,13 +7,14 @@ changes nothing; it dispatches only once anyway.
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
 from celery import Task, chord, shared_task
 from celery.exceptions import Ignore
 
-from tasks import state
+from tasks import metrics, state
 from tasks.cacheformat import EmptyCacheError
 from tasks.jobs.common import (
     PERMANENT,
@@ -74,6 +75,7 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     config = settings()
     export_id = str(self.request.id)
     redis = redis_of(self)
+    began = time.monotonic()
     # Results keep a task's args (result_extended): never the raw request, which may hold
     # what validation refuses (credentials); the validated request replaces it.
     self.request.args = []
@@ -93,12 +95,18 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
             # A missing or wrong-sized layer file fails the export before any upload.
             local_source.check_blobs(req.source, config.source_roots, plan.layers)
     except EmptyCacheError as exc:
+        metrics.export_finished("empty", time.monotonic() - began)
         return {"status": "empty", "message": str(exc), "layers": 0, "bytes_sent": 0}
     except PERMANENT as exc:
+        metrics.export_finished("failure", time.monotonic() - began)
         raise ExportFailed(str(exc)) from None
     except Exception as exc:
         # Reading an S3 source meets the same transient faults as copying a layer.
-        retry_or_fail(self, exc, "reading the source", config, args=(request,))
+        try:
+            retry_or_fail(self, exc, "reading the source", config, args=(request,))
+        except ExportFailed:
+            metrics.export_finished("failure", time.monotonic() - began)
+            raise
 
     for warning in plan.warnings:
         logger.warning("export %s: %s", export_id, warning)
@@ -135,6 +143,7 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
             shadow=f"finalize {describe(req.target)}",
         )
         chord(header, body).apply_async()
+        metrics.export_started()
     # The export stays PROGRESS: the chord's tasks write its final state (common.py).
     raise Ignore()
 

@@ -6,6 +6,7 @@ layer they reference is known to be stored, so no name ever points at a missing 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from celery import Task, shared_task
@@ -19,6 +20,7 @@ from tasks.jobs.common import (
     retry_or_fail,
     settings,
 )
+from tasks.names import NameWrite, NameWriteError
 from tasks.plan import ExportPlan
 from tasks.progress import PROGRESS, now_iso
 from tasks.publish import IncompleteCacheError
@@ -36,7 +38,10 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
     plan = ExportPlan.from_json(stored["plan"])
     target = target_from_json(stored["target"])
     steps: list[dict[str, Any]] = stored["steps"]
-    store = open_target(target, config, redis)
+    # Waiting happens only for a name another export is merging into (merge=true).
+    store = open_target(
+        target, config, redis, on_wait=lambda: publish("writing", "waiting for another merge")
+    )
     base = {
         "export_id": export_id,
         "layers": len(plan.layers),
@@ -44,8 +49,12 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         "steps": steps,
     }
 
+    merged: list[dict[str, Any]] = []  # one entry per name merged into (merge=true)
+
     def publish(phase: str, current: str) -> None:
         meta = {**base, "phase": phase, "current": current}
+        if merged:
+            meta["merged"] = merged
         # The export's own id carries the progress callers follow; this task's too.
         self.backend.store_result(export_id, meta, PROGRESS)
         self.update_state(state=PROGRESS, meta={"export_id": export_id, "phase": phase,
@@ -68,9 +77,11 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         store.put_blob(plan.config_desc, plan.config)
         publish("writing", steps[-1]["name"])
         store.put_blob(plan.manifest_desc, plan.manifest)
-        publish("writing", "writing names")
-        keys = store.write_names(plan)
-    except IncompleteCacheError as exc:
+        merges = isinstance(target, S3Spec) and target.merges
+        publish("writing", "merging names" if merges else "writing names")
+        writes = store.write_names(plan, on_name=lambda write: _merged(write, merged, publish))
+        keys = [write.key for write in writes]
+    except (IncompleteCacheError, NameWriteError) as exc:
         _fail(self, export_id, str(exc))
     except Exception as exc:
         try:
@@ -89,6 +100,7 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         "config": plan.config_desc.digest,
         **({"bucket": target.bucket} if isinstance(target, S3Spec) else {"dest": target.dest}),
         "names": keys,
+        **({"merged": merged} if merged else {}),
         "layers": len(plan.layers),
         "layers_uploaded": counts["uploaded"],
         "layers_skipped": counts["skipped"],
@@ -106,6 +118,21 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
     # result carries everything a caller reads.
     state.drop_plan(redis, export_id)
     return {"export_id": export_id, "status": "complete", "names": keys}
+
+
+def _merged(
+    write: NameWrite, merged: list[dict[str, Any]], publish: Callable[[str, str], None]
+) -> None:
+    """Say that a name was merged into, with its records before and after."""
+    if write.counts is None:
+        return
+    merged.append(write.to_json())
+    c = write.counts
+    publish(
+        "writing",
+        f"merged name {write.name}: {c.records_existing} stored + {c.records_new} new records "
+        f"-> {c.records_after}",
+    )
 
 
 def _fail(task: Task[Any, Any], export_id: str, message: str) -> NoReturn:

@@ -22,6 +22,7 @@ from typing import BinaryIO
 
 from tasks.cacheformat import Descriptor
 from tasks.copy import CopyOutcome
+from tasks.names import NameWrite
 from tasks.plan import ExportPlan
 from tasks.request import LocalTargetSpec, RequestError
 from tasks.stores.ingest import (
@@ -108,12 +109,19 @@ class LocalTarget:
         self._prepare()
         put_bytes(self.directory, desc.digest, data)
 
-    def write_names(self, plan: ExportPlan) -> list[str]:
-        """``index.json`` lists the manifest under the tag; stale temporary files go after."""
+    def write_names(
+        self, plan: ExportPlan, on_name: Callable[[NameWrite], None] = lambda write: None
+    ) -> list[NameWrite]:
+        """``index.json`` lists the manifest under the tag; stale temporary files go after.
+
+        The tag replaces what it named (BuildKit's way); other tags are kept.
+        """
         self._prepare()
         put_tagged(self.directory, plan.manifest_desc, self.spec.tag)
         clean_ingest(self.directory)
-        return [str(self.directory / INDEX_FILE)]
+        write = NameWrite(name=self.spec.tag, key=str(self.directory / INDEX_FILE), merged=False)
+        on_name(write)
+        return [write]
 
     def abandon(self, digest: str) -> None:
         """No temporary file of this blob is left unless a live writer holds it."""

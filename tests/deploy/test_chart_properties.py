@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -12,9 +13,11 @@ import helm_python as helm
 import pytest
 
 from tasks.settings import Settings
-from tests.deploy.chart import EXTERNAL_REDIS, IRSA_ROLE, VALUE_SETS, Rendered, render
+from tests.deploy.chart import CHART, EXTERNAL_REDIS, IRSA_ROLE, VALUE_SETS, Rendered, render
+from tests.deploy.chart import labels as labels_of
 
 DEFAULT_TIME_LIMIT = Settings.model_fields["task_time_limit"].default
+DASHBOARD = CHART / "dashboards" / "cacheship.json"
 
 
 def pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -495,7 +498,8 @@ def test_network_policies_fence_every_component() -> None:
         assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
 
     worker = policies["worker"]["spec"]
-    assert worker["ingress"] == []
+    # The metrics port is the only way in, from anywhere unless metricsIngressFrom says.
+    assert worker["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
     egress_ports = {(p["port"], p["protocol"]) for rule in worker["egress"] for p in rule["ports"]}
     assert egress_ports == {(53, "UDP"), (53, "TCP"), (6379, "TCP"), (443, "TCP"), (9000, "TCP")}
 
@@ -512,3 +516,85 @@ def test_network_policies_fence_every_component() -> None:
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}
     } in allowed
     assert redis["egress"] == []
+
+
+# Metrics ---------------------------------------------------------------------------------
+
+
+def test_workers_serve_metrics_where_prometheus_looks(
+    defaults: Rendered, worker: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = container(worker)
+    (port,) = [p for p in c["ports"] if p["name"] == "metrics"]
+    monkeypatch.setenv("CACHESHIP_METRICS_PORT", env_of(c)["CACHESHIP_METRICS_PORT"])
+    assert Settings().metrics_port == port["containerPort"]
+    service = defaults.one("Service", "worker-metrics")
+    assert service["spec"]["clusterIP"] == "None"  # every worker pod is its own target
+    pods = worker["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pods.items()
+    flower_pods = defaults.one("Deployment", "flower")["spec"]["template"]["metadata"]["labels"]
+    assert not service["spec"]["selector"].items() <= flower_pods.items()
+    annotations = service["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert int(annotations["prometheus.io/port"]) == port["containerPort"]
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["port"] == port["containerPort"]
+    assert service_port["targetPort"] == "metrics"
+
+
+def test_metrics_port_follows_the_value() -> None:
+    rendered = render({"metrics": {"port": 9100, "service": {"annotations": {"team": "ci"}}}})
+    c = container(rendered.one("Deployment", "worker"))
+    assert c["ports"][0]["containerPort"] == 9100
+    assert env_of(c)["CACHESHIP_METRICS_PORT"] == "9100"
+    annotations = rendered.one("Service", "worker-metrics")["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "9100"
+    assert annotations["team"] == "ci"
+
+
+def test_metrics_can_be_switched_off() -> None:
+    rendered = render({"metrics": {"enabled": False}, "networkPolicy": {"enabled": True}})
+    c = container(rendered.one("Deployment", "worker"))
+    assert "ports" not in c
+    assert "CACHESHIP_METRICS_PORT" not in env_of(c)
+    assert not rendered.find("Service", "worker-metrics")
+    assert rendered.one("NetworkPolicy", "worker")["spec"]["ingress"] == []
+
+
+def test_service_monitor_is_optional_and_scrapes_the_metrics_service(defaults: Rendered) -> None:
+    assert not defaults.of_kind("ServiceMonitor")
+    rendered = render(VALUE_SETS["everything"])
+    monitor = rendered.one("ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    matching = [
+        s
+        for s in rendered.of_kind("Service")
+        if monitor["spec"]["selector"]["matchLabels"].items() <= labels_of(s).items()
+    ]
+    assert [s["metadata"]["name"] for s in matching] == ["ship-cacheship-worker-metrics"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in matching[0]["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+
+
+def test_service_monitor_without_metrics_is_refused() -> None:
+    values = {"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}}
+    with pytest.raises(helm.HelmError, match=r"metrics\.serviceMonitor\.enabled needs"):
+        render(values)
+
+
+def test_dashboard_ships_for_grafana_sidecars_when_asked(defaults: Rendered) -> None:
+    assert not defaults.of_kind("ConfigMap")
+    rendered = render({"metrics": {"dashboard": {"enabled": True}}})
+    configmap = rendered.one("ConfigMap", "dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(configmap["data"]["cacheship.json"])
+    assert shipped == json.loads(DASHBOARD.read_text())
+
+
+def test_only_the_named_peers_may_scrape_when_given() -> None:
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    rendered = render({"networkPolicy": {"enabled": True, "metricsIngressFrom": peers}})
+    (rule,) = rendered.one("NetworkPolicy", "worker")["spec"]["ingress"]
+    assert rule == {"ports": [{"port": "metrics", "protocol": "TCP"}], "from": peers}

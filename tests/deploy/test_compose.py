@@ -165,6 +165,15 @@ def test_worker_command_and_settings(
     assert env["AWS_SECRET_ACCESS_KEY"] == dotenv["MINIO_ROOT_PASSWORD"]
 
 
+def test_worker_serves_metrics_on_the_compose_network_only(
+    model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = services(model)["worker"]
+    monkeypatch.setenv("CACHESHIP_METRICS_PORT", worker["environment"]["CACHESHIP_METRICS_PORT"])
+    assert [str(Settings().metrics_port)] == [str(p) for p in worker["expose"]]
+    assert "ports" not in worker
+
+
 def test_worker_reads_sources_at_the_path_the_host_names(model: dict[str, Any]) -> None:
     worker = services(model)["worker"]
     roots = worker["environment"]["CACHESHIP_SOURCE_ROOTS"]

@@ -43,6 +43,10 @@ minute, a short stall of a healthy worker (GC, a Redis fail-over) would hand its
 {{- fail "s3.credentials.source=irsa annotates the chart's ServiceAccount: serviceAccount.create must be true (or annotate your own and use source=none)" }}
 {{- end }}
 
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled: the workers serve no metrics otherwise" }}
+{{- end }}
+
 {{- if and .Values.flower.enabled .Values.flower.auth.enabled (not .Values.flower.auth.existingSecret) (not .Values.flower.auth.username) }}
 {{- fail "flower.auth.username is required when the chart creates Flower's auth Secret" }}
 {{- end }}
