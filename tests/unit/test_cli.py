@@ -404,6 +404,8 @@ def test_status_json_shape(fake: list[FakeClient]) -> None:
         "status",
         "bytes_done",
         "error",
+        "worker",
+        "worker_lost_seconds",
     }
     assert [s["kind"] for s in document["steps"]] == ["layer", "layer", "config", "manifest"]
 
