@@ -249,3 +249,41 @@ def test_a_sigkilled_worker_leaves_only_temporary_files_that_the_next_run_remove
     assert result["status"] == "complete"
     assert list(ingest.iterdir()) == []
     assert tree(node) == buildkit_layout(big)
+
+
+def test_overlapping_exports_into_one_directory_keep_both_tags(
+    local_env: dict[str, str],
+    workers: Callable[..., Worker],
+    client: Client,
+    source_root: Path,
+    dest_root: Path,
+    cache: SampleCache,
+) -> None:
+    workers(local_env, name="a", concurrency=2)
+    workers(local_env, name="b", concurrency=2)
+    other = write_sample_cache(
+        source_root / "other", [5 * MiB, 700_000], seed=14, image_manifest=True
+    )
+    node = dest_root / "shared"
+    ids = [
+        client.submit(
+            {
+                "source": {"type": "local", "src": str(sample.path)},
+                "target": {"type": "local", "dest": str(node), "tag": tag},
+            }
+        )
+        for sample, tag in ((cache, "main"), (other, "pr-9"), (cache, "release"))
+    ]
+    results = [client.wait(export_id, timeout=240) for export_id in ids]
+    assert {r["status"] for r in results} == {"complete"}
+    entries = json.loads((node / "index.json").read_bytes())["manifests"]
+    assert {e["annotations"][REF]: e["digest"] for e in entries} == {
+        "main": cache.manifest.digest,
+        "pr-9": other.manifest.digest,
+        "release": cache.manifest.digest,
+    }
+    assert list((node / "ingest").iterdir()) == []
+    assert not (node / "index.json.lock").exists()
+    for tag in ("main", "pr-9", "release"):
+        spec = LocalSpec(src=str(node), tag=tag)
+        assert verify_local_cache(node, spec, deep=True).sound, tag
