@@ -43,6 +43,10 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Directories that type=local sources may be read from (comma-separated).",
     )
+    dest_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories that type=local targets may write to (comma-separated).",
+    )
     allowed_buckets: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Target buckets allowed (comma-separated); empty allows any bucket.",
@@ -130,7 +134,7 @@ class Settings(BaseSettings):
             )
         )
 
-    @field_validator("source_roots", "allowed_buckets", mode="before")
+    @field_validator("source_roots", "dest_roots", "allowed_buckets", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)

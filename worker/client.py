@@ -18,7 +18,7 @@ from typing import Any
 from celery import Celery, uuid
 from celery.result import AsyncResult
 
-from tasks.request import ExportRequest, parse_request
+from tasks.request import ExportRequest, LocalTargetSpec, parse_request
 from tasks.settings import Settings
 from tasks.state import alive_key, last_seen_key, load_outcomes
 from worker.app import configure
@@ -39,6 +39,8 @@ def export_title(request: ExportRequest) -> str:
     source = request.source
     origin = source.src if hasattr(source, "src") else f"s3://{source.bucket}/{source.prefix}"
     target = request.target
+    if isinstance(target, LocalTargetSpec):
+        return f"export {origin} → {target.dest}:{target.tag}"
     return f"export {origin} → s3://{target.bucket}/{target.prefix} {';'.join(target.name)}"
 
 

@@ -22,12 +22,13 @@ from celery.utils.time import get_exponential_backoff_interval
 from tasks import metrics, registry, state
 from tasks.cacheformat import FormatError
 from tasks.ingester import DigestMismatchError, IngestError
-from tasks.request import LocalSpec, RequestError, S3Spec
+from tasks.request import LocalSpec, LocalTargetSpec, RequestError, S3Spec, target_from_json
 from tasks.s3client import is_transient
 from tasks.settings import Settings, get_settings
 from tasks.sources import local as local_source
 from tasks.sources import s3 as s3_source
 from tasks.sources.common import LoadedCache, SourceError
+from tasks.stores.local import LocalTarget
 from tasks.targets import S3Target, Target
 
 logger = get_task_logger("tasks.jobs")
@@ -76,9 +77,18 @@ def open_blob(source: LocalSpec | S3Spec, digest: str, config: Settings) -> Iter
 
 
 def open_target(
-    spec: S3Spec, config: Settings, redis: Any, on_wait: Callable[[], None] = lambda: None
+    spec: S3Spec | LocalTargetSpec,
+    config: Settings,
+    redis: Any,
+    on_wait: Callable[[], None] = lambda: None,
 ) -> Target:
-    """The store an export writes to, configured from the worker's settings."""
+    """The store an export writes to, configured from the worker's settings.
+
+    A local target is refused here (RequestError, nothing created) when its directory lies
+    outside ``CACHESHIP_DEST_ROOTS``.
+    """
+    if isinstance(spec, LocalTargetSpec):
+        return LocalTarget(spec, config.dest_roots)
     return S3Target(
         config.s3_client(spec),
         spec,
@@ -162,8 +172,9 @@ def finish_export(
 def _release(redis: Any, export_id: str) -> None:
     """The names are written (or never will be): prune may judge these blobs by the names."""
     try:
-        target = S3Spec.model_validate(state.load_plan(redis, export_id)["target"])
-        registry.release(redis, registry.scope_of(target), export_id)
+        target = target_from_json(state.load_plan(redis, export_id)["target"])
+        if isinstance(target, S3Spec):
+            registry.release(redis, registry.scope_of(target), export_id)
     except Exception as exc:  # the registration then lapses with its TTL
         logger.warning("export %s: registration not released: %s", export_id, exc)
 

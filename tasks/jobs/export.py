@@ -23,6 +23,7 @@ from tasks.jobs.common import (
     load_source,
     logger,
     mark_started,
+    open_target,
     redis_of,
     retry_or_fail,
     settings,
@@ -31,7 +32,7 @@ from tasks.jobs.copy_layer import copy_layer, layer_title
 from tasks.jobs.finalize import finalize
 from tasks.plan import ExportPlan, plan_export
 from tasks.progress import PROGRESS, config_step, layer_step, manifest_step, now_iso
-from tasks.request import LocalSpec, S3Spec, parse_request
+from tasks.request import LocalSpec, LocalTargetSpec, S3Spec, parse_request
 from tasks.sources import local as local_source
 
 
@@ -62,8 +63,10 @@ def _steps(plan: ExportPlan, export_id: str, image_manifest: bool) -> list[dict[
     return steps
 
 
-def describe(target: S3Spec) -> str:
-    """How a person names the destination: ``s3://bucket/prefix main;other``."""
+def describe(target: S3Spec | LocalTargetSpec) -> str:
+    """How a person names the destination: ``s3://bucket/prefix main;other``, ``DIR:tag``."""
+    if isinstance(target, LocalTargetSpec):
+        return f"{target.dest}:{target.tag}"
     return f"s3://{target.bucket}/{target.prefix} {';'.join(target.name)}"
 
 
@@ -79,7 +82,10 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     try:
         req = parse_request(request)
         self.request.args = [req.model_dump(mode="json", by_alias=True)]
-        check_allowed(req.target, config, "target")
+        if isinstance(req.target, S3Spec):
+            check_allowed(req.target, config, "target")
+        else:
+            open_target(req.target, config, redis)  # dest under CACHESHIP_DEST_ROOTS?
         if isinstance(req.source, S3Spec):
             check_allowed(req.source, config, "source")
         self.update_state(state=PROGRESS, meta={"export_id": export_id, "phase": "reading",
@@ -127,8 +133,8 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     self.update_state(state=PROGRESS, meta=meta)
     # Before any layer task looks at the bucket: a prune now leaves these blobs alone, and
     # one deleting right now finishes its batch first (docs/prune.md). A redelivery after
-    # the export ended registers nothing (nobody would release it).
-    if not redis.exists(f"cacheship-finished-{export_id}"):
+    # the export ended registers nothing (nobody would release it). Prune collects S3 only.
+    if isinstance(req.target, S3Spec) and not redis.exists(f"cacheship-finished-{export_id}"):
         digests = [d.digest for d in plan.layers]
         digests += [plan.config_desc.digest, plan.manifest_desc.digest]
         scope = registry.scope_of(req.target)

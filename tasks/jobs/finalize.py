@@ -24,7 +24,7 @@ from tasks.names import NameWrite, NameWriteError
 from tasks.plan import ExportPlan
 from tasks.progress import PROGRESS, now_iso
 from tasks.publish import IncompleteCacheError
-from tasks.request import S3Spec
+from tasks.request import S3Spec, target_from_json
 
 
 @shared_task(bind=True, name="cacheship.finalize", max_retries=None)
@@ -36,7 +36,7 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
     except LookupError as exc:
         _fail(self, export_id, str(exc))
     plan = ExportPlan.from_json(stored["plan"])
-    target = S3Spec.model_validate(stored["target"])
+    target = target_from_json(stored["target"])
     steps: list[dict[str, Any]] = stored["steps"]
     # Waiting happens only for a name another export is merging into (merge=true).
     store = open_target(
@@ -71,7 +71,9 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         # are checked again.
         outcomes = state.load_outcomes(redis, export_id)
         unconfirmed = [d for d in plan.layers if d.digest not in outcomes]
-        if registry.deleted_since_registered(redis, registry.scope_of(target), export_id):
+        if isinstance(target, S3Spec) and registry.deleted_since_registered(
+            redis, registry.scope_of(target), export_id
+        ):
             # A prune deleted meanwhile: trust the bucket, not what the layer tasks saw.
             unconfirmed = list(plan.layers)
         missing = store.missing(unconfirmed)
@@ -81,7 +83,8 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         store.put_blob(plan.config_desc, plan.config)
         publish("writing", steps[-1]["name"])
         store.put_blob(plan.manifest_desc, plan.manifest)
-        publish("writing", "merging names" if target.merges else "writing names")
+        merges = isinstance(target, S3Spec) and target.merges
+        publish("writing", "merging names" if merges else "writing names")
         writes = store.write_names(plan, on_name=lambda write: _merged(write, merged, publish))
         keys = [write.key for write in writes]
     except (IncompleteCacheError, NameWriteError) as exc:
@@ -101,7 +104,7 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         "export_id": export_id,
         "cache.manifest": plan.manifest_desc.to_json(),
         "config": plan.config_desc.digest,
-        "bucket": target.bucket,
+        **({"bucket": target.bucket} if isinstance(target, S3Spec) else {"dest": target.dest}),
         "names": keys,
         **({"merged": merged} if merged else {}),
         "layers": len(plan.layers),

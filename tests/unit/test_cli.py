@@ -179,12 +179,15 @@ def test_schema_prints_the_request_schema() -> None:
         ),
         (
             ["export", "--from", FROM, "--to", "type=local,src=/x"],
-            "error: --to: target.type: only type=s3 can be a target",
+            "error: --to: target.dest: required; target.src: unknown attribute",
         ),
         (["export", "--from", FROM], "error: give --from SRC and --to DST"),
         (["export", "--bogus"], "error: No such option"),
         (["status", "not an id"], "error: 'not an id' is not an export id"),
-        (["verify", "--cache", "type=local,src=/x"], "error: --cache: only type=s3 caches"),
+        (
+            ["verify", "--cache", "type=local,src=/no/such/dir"],
+            "error: --cache: cache.src: /no/such/dir is not a directory",
+        ),
         (["verify", "--cache", "type=s3"], "error: --cache: cache.bucket: required"),
         (["nonsense"], "error: No such command"),
     ],

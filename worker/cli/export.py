@@ -9,7 +9,15 @@ from typing import IO
 import click
 from rich.console import Console
 
-from tasks.request import ExportRequest, LocalSpec, RequestError, S3Spec, parse_request
+from tasks.request import (
+    ExportRequest,
+    LocalSpec,
+    LocalTargetSpec,
+    RequestError,
+    S3Spec,
+    parse_request,
+    parse_target,
+)
 from worker.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -33,6 +41,13 @@ def _absolute(spec: LocalSpec | S3Spec) -> LocalSpec | S3Spec:
     return spec
 
 
+def _absolute_dest(spec: LocalTargetSpec | S3Spec) -> LocalTargetSpec | S3Spec:
+    """A relative ``dest`` too."""
+    if isinstance(spec, LocalTargetSpec) and not os.path.isabs(spec.dest):
+        return spec.model_copy(update={"dest": os.path.abspath(spec.dest)})
+    return spec
+
+
 def build_request(source: str | None, target: str | None, request: IO[str] | None) -> ExportRequest:
     """The request from ``--from``/``--to`` or from ``--request``; errors exit with 2."""
     if request is not None:
@@ -42,13 +57,16 @@ def build_request(source: str | None, target: str | None, request: IO[str] | Non
             parsed = parse_request(request.read())
         except RequestError as exc:
             fail(f"--request: {exc}", EXIT_USAGE)
-        return parsed.model_copy(update={"source": _absolute(parsed.source)})
+        return parsed.model_copy(
+            update={"source": _absolute(parsed.source), "target": _absolute_dest(parsed.target)}
+        )
     if not source or not target:
         fail("give --from SRC and --to DST (or --request FILE)", EXIT_USAGE)
     src = _absolute(parse_option_spec(source, "--from", "source"))
-    dst = parse_option_spec(target, "--to", "target")
-    if not isinstance(dst, S3Spec):
-        fail("--to: target.type: only type=s3 can be a target", EXIT_USAGE)
+    try:
+        dst = _absolute_dest(parse_target(target))
+    except RequestError as exc:
+        fail(f"--to: {exc}", EXIT_USAGE)
     try:
         return parse_request(
             {
@@ -111,7 +129,8 @@ def follow(client: Client, export_id: str, as_json: bool, started: float) -> Non
     "--to",
     "target",
     metavar="DST",
-    help="Where to write it: type=s3,bucket=B[,region=R,name=N,prefix=P,...] (buildx's form).",
+    help="Where to write it: type=s3,bucket=B[,region=R,name=N,prefix=P,...] or "
+    "type=local,dest=DIR[,tag=T] (buildx's form).",
 )
 @click.option(
     "--request",

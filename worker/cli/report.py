@@ -99,7 +99,8 @@ def summary_lines(result: dict[str, Any], elapsed: float | None = None) -> list[
     bucket = result.get("bucket", "")
     merged = {m.get("key"): m for m in result.get("merged", []) if isinstance(m, dict)}
     for key in result.get("names", []):
-        lines.append(f"  name      s3://{bucket}/{key}" + _merge_note(merged.get(key)))
+        where = f"s3://{bucket}/{key}" if bucket else key
+        lines.append(f"  name      {where}" + _merge_note(merged.get(key)))
     return lines
 
 
