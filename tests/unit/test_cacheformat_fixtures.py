@@ -16,7 +16,7 @@ import pytest
 
 from tasks.cacheformat import FormatError, normalize
 
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "cacheconfig"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "cacheconfig"
 CASES = sorted(FIXTURES.glob("case-*.json"))
 
 # The kinds of refusal of section 3 of the format document.
@@ -26,6 +26,8 @@ KINDS = (
     "invalid empty input for record",
     "invalid layer index",
     "invalid looping layer",
+    "cache layer with missing annotations",
+    "cache layer with missing diffid",
 )
 
 
@@ -62,7 +64,7 @@ def test_fixture_case(path: Path | None) -> None:
             assert kind_of(message) == expected_kind, message
             assert case["error"] in message
             assert "\n" not in message
-            assert re.match(r"records\[\d+\]", message), message
+            assert re.match(r"(records|layers)\[\d+\]", message), message
     else:
         for data in spellings:
             canonical = normalize(data)
