@@ -249,12 +249,13 @@ class CacheGraph:
 
     @staticmethod
     def _merge(nodes: list[CacheNode]) -> CacheNode:
-        """Fold several matching nodes into the oldest one, as BuildKit merges them.
+        """Fold several matching nodes into the first one found, as BuildKit merges them.
 
-        The others keep their own parents (so they stay in the graph), their children
-        and results are copied to the survivor, and the children now link to it.
+        "First" is the first of the candidates of the first slot, in the order the links
+        and children were added (BuildKit takes the first a Go map yields). The others keep
+        their own parents (so they stay in the graph), their children and results are
+        copied to the survivor, and the children now link to it.
         """
-        nodes = sorted(nodes, key=lambda n: n._seq)
         main = nodes[0]
         for other in nodes[1:]:
             moved = other._children or {}
