@@ -35,6 +35,8 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_NAME_BYTES = 1024
+_NO_RECOMPRESSION = "recompression is not done (blobs are copied as they are)"
+_FALSE = frozenset({"false", "0", "f", "n", "no", "off"})
 
 
 class RequestError(ValueError):
@@ -142,7 +144,49 @@ class S3Spec(_Spec):
         default=False, alias="image-manifest", description="Write an OCI image manifest."
     )
     mode: Literal["min", "max"] | None = Field(
-        default=None, description="Accepted for buildx compatibility; every record is copied."
+        default=None,
+        description=(
+            "buildx's cache mode, recorded for compatibility: the local cache already decided "
+            "which records it holds, and every one is copied."
+        ),
+    )
+    disable_accept_encoding: bool = Field(
+        default=False,
+        description=(
+            "Strip Accept-Encoding before signing (for GCS, whose front end rewrites that "
+            "header and so breaks the signature)."
+        ),
+    )
+    retry_mode: Literal["standard", "adaptive"] | None = Field(
+        default=None, description="botocore retry mode (worker default: standard)."
+    )
+    retry_max_attempts: int | None = Field(
+        default=None,
+        ge=1,
+        description="Attempts per S3 request, the first included (worker default).",
+    )
+    ignore_error: bool = Field(
+        default=False,
+        alias="ignore-error",
+        description=(
+            "A failed export is reported as a warning and the CLI exits 0 (with --wait)."
+        ),
+    )
+    compression: Literal["gzip"] | None = Field(
+        default=None,
+        description="Only gzip: blobs are copied as they are, never recompressed.",
+    )
+    compression_level: int | None = Field(
+        default=None,
+        alias="compression-level",
+        ge=0,
+        le=9,
+        description="Accepted with gzip (0-9); no effect, as nothing is recompressed.",
+    )
+    force_compression: Literal[False] = Field(
+        default=False,
+        alias="force-compression",
+        description="Only false: forcing would mean recompressing, which is not done.",
     )
 
     @field_validator("bucket")
@@ -186,6 +230,22 @@ class S3Spec(_Spec):
     @classmethod
     def _duration(cls, value: Any) -> Any:
         return parse_go_duration(value) if isinstance(value, str) else value
+
+    @field_validator("compression", mode="before")
+    @classmethod
+    def _gzip_only(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "gzip":
+            return "gzip"
+        if value is not None:
+            raise ValueError(f"{str(value)[:40]!r}: {_NO_RECOMPRESSION}; only gzip is accepted")
+        return value
+
+    @field_validator("force_compression", mode="before")
+    @classmethod
+    def _not_forced(cls, value: Any) -> Any:
+        if str(value).strip().lower() not in _FALSE:
+            raise ValueError(f"{_NO_RECOMPRESSION}; only false is accepted")
+        return False
 
     @model_validator(mode="after")
     def _image_manifest_needs_oci(self) -> S3Spec:
@@ -268,12 +328,16 @@ def spec_items(text: str) -> dict[str, str]:
 
 
 _SPEC_ADAPTER: TypeAdapter[LocalSpec | S3Spec] = TypeAdapter(Source)
+# Attributes buildx spells with a dash (spec_items folds them to underscores).
+_DASHED = tuple(
+    name for name, field in S3Spec.model_fields.items() if field.alias and "-" in field.alias
+)
 
 
 def parse_spec(text: str, role: str = "cache") -> LocalSpec | S3Spec:
     """Parse ``type=s3,bucket=...`` the way buildx users write it; errors name ``role.key``."""
     items: dict[str, Any] = dict(spec_items(text))
-    for alias in ("oci_mediatypes", "image_manifest"):
+    for alias in _DASHED:
         if alias in items:
             items[alias.replace("_", "-")] = items.pop(alias)
     if items["type"] not in ("s3", "local"):
