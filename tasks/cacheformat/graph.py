@@ -13,8 +13,9 @@ rules, and the quirks that come with them (the merged-away node stays in the gra
 result counts as present when the creation time and the number of layers match), are
 BuildKit's: the marshalled config has to be the bytes BuildKit would write.
 
-Where BuildKit iterates a Go map (random order), this code uses insertion order, so the
-result is deterministic; ``marshal`` then orders what it reads canonically.
+Where BuildKit iterates a Go map (random order), this code iterates in insertion order
+(roots, children and each slot's links are dicts), which defines the canonical output:
+``marshal`` walks the graph in that order and applies only BuildKit's own sorts.
 """
 
 from __future__ import annotations
