@@ -136,7 +136,7 @@ class CacheGraph:
 
     def __init__(self) -> None:
         self._roots: dict[str, CacheNode] = {}
-        self._count = 0
+        self._nodes: list[CacheNode] = []  # every node ever created, for release()
         # id(chain) -> (chain, chain without its top layer), for chains built by the parser:
         # lets marshal write a chain in one step when its parent chain is already written.
         self._prefixes: dict[int, tuple[tuple[Descriptor, ...], tuple[Descriptor, ...]]] = {}
@@ -188,8 +188,8 @@ class CacheGraph:
         return self._add(digest, deps, checked)
 
     def _new_node(self, digest: str, results: list[ExportResult]) -> CacheNode:
-        node = CacheNode(self, digest, self._count)
-        self._count += 1
+        node = CacheNode(self, digest, len(self._nodes))
+        self._nodes.append(node)
         node._results = results
         return node
 
@@ -323,6 +323,22 @@ class CacheGraph:
                     slot.append((selector, parent))
             kept.append(slot)
         return kept
+
+    def release(self) -> None:
+        """Unlink every node, leaving the graph empty, so reference counting frees it now.
+
+        Nodes link both ways (inputs and children), so a dropped graph is cyclic garbage
+        that waits for the cycle collector, which then walks every object of a large cache
+        (about as long as marshalling it). Call this when the graph is no longer needed.
+        """
+        for node in self._nodes:
+            node._children = None
+            node._parents = []
+            node._extra_parents = None
+            node._results = []
+        self._nodes = []
+        self._roots = {}
+        self._prefixes = {}
 
     def nodes(self) -> list[CacheNode]:
         """Every node reachable from the roots, depth first."""

@@ -200,10 +200,13 @@ class _Writer:
         new_layer = [0] * len(layer_order)
         for position, old in enumerate(layer_order):
             new_layer[old] = position
+        # tuple.__new__ builds the named tuples without their Python-level __new__: there
+        # is one per layer, record, link and result of a large cache.
+        make = tuple.__new__
         layers = []
         for old in layer_order:
             blob, parent = self.layers[old]
-            layers.append(CacheLayer(blob, -1 if parent == -1 else new_layer[parent]))
+            layers.append(make(CacheLayer, (blob, -1 if parent == -1 else new_layer[parent], None)))
 
         digests = self.digests
         # Sorting by digest alone gives the final order except among records that share
@@ -224,21 +227,25 @@ class _Writer:
             new_record[old] = position
 
         records = []
+        all_slots = self.slots
+        all_results = self.results
         for old in record_order:
             inputs: list[tuple[CacheInput, ...]] = []
-            for links in self.slots[old]:
+            for links in all_slots[old]:
                 if len(links) == 1:
                     selector, index = links[0]
-                    inputs.append((CacheInput(selector, new_record[index]),))
+                    inputs.append((make(CacheInput, (selector, new_record[index])),))
                     continue
                 # By record index only; equal indexes keep the order they were written in.
                 renumbered = sorted(
                     ((sel, new_record[index]) for sel, index in links), key=lambda link: link[1]
                 )
-                inputs.append(tuple(CacheInput(sel, link) for sel, link in renumbered))
-            result = self.results[old]
-            results = () if result is None else (CacheResult(new_layer[result[0]], result[1]),)
-            records.append(CacheRecord(digests[old], tuple(inputs), results))
+                inputs.append(tuple(make(CacheInput, link) for link in renumbered))
+            result = all_results[old]
+            results = (
+                () if result is None else (make(CacheResult, (new_layer[result[0]], result[1])),)
+            )
+            records.append(make(CacheRecord, (digests[old], tuple(inputs), results, ())))
         return CacheConfig(tuple(layers), tuple(records))
 
 
@@ -276,7 +283,11 @@ def normalize(data: bytes | str) -> bytes:
         cfg = decode_config(data)
         graph = parse_graph(cfg, descriptors_from_annotations(cfg))
         del cfg  # a large config is freed before the marshalled copy is built
-        return encode_config(marshal(graph, allow_empty=True).config)
+        config = marshal(graph, allow_empty=True).config
+        graph.release()  # freed now, not by the cycle collector once it runs again
+        data = encode_config(config)
+        del config  # freed before the collector is back on, so it never walks it
+    return data
 
 
 def s3_config_bytes(m: Marshalled) -> bytes:
