@@ -95,7 +95,7 @@ class _Spec(BaseModel):
 class LocalSpec(_Spec):
     """A cache directory as ``--export-cache type=local,dest=DIR`` wrote it (OCI layout)."""
 
-    type: Literal["local"] = "local"
+    type: Literal["local"] = Field(default="local", description="Cache type: local.")
     src: str = Field(description="Directory holding oci-layout, index.json and blobs/.")
     tag: str | None = Field(
         default=None, description="Manifest picked by its ref name annotation (default latest)."
@@ -119,7 +119,7 @@ class LocalSpec(_Spec):
 class S3Spec(_Spec):
     """BuildKit's S3 cache layout, with BuildKit's attribute names and defaults."""
 
-    type: Literal["s3"] = "s3"
+    type: Literal["s3"] = Field(default="s3", description="Cache type: s3.")
     bucket: str = Field(description="Bucket name.")
     region: str | None = Field(default=None, description="Bucket region (worker default).")
     prefix: str = Field(default="", description="Prefix of every key.")

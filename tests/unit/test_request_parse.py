@@ -364,8 +364,7 @@ def test_schema_describes_both_parts() -> None:
         assert name in s3_props, name
     for part in ("S3Spec", "LocalSpec"):
         for name, prop in schema["$defs"][part]["properties"].items():
-            if name != "type":
-                assert prop.get("description"), f"{part}.{name} has no description"
+            assert prop.get("description"), f"{part}.{name} has no description"
     assert not set(s3_props) & {"access_key_id", "secret_access_key", "session_token"}
 
 
