@@ -37,6 +37,8 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_NAME_BYTES = 1024
 _REPLACE = "replace-invalid"
+_NO_RECOMPRESSION = "recompression is not done (blobs are copied as they are)"
+_FALSE = frozenset({"false", "0", "f", "n", "no", "off"})
 
 
 class RequestError(ValueError):
@@ -92,10 +94,54 @@ class _Spec(BaseModel):
         return data
 
 
+class _BuildxTarget(_Spec):
+    """What buildx accepts on every ``--cache-to``, with the meaning it has for a copy."""
+
+    ignore_error: bool = Field(
+        default=False,
+        alias="ignore-error",
+        description=(
+            "A failed export is reported as a warning and the CLI exits 0 (with --wait)."
+        ),
+    )
+    compression: Literal["gzip"] | None = Field(
+        default=None,
+        description="Only gzip: blobs are copied as they are, never recompressed.",
+    )
+    compression_level: int | None = Field(
+        default=None,
+        alias="compression-level",
+        ge=0,
+        le=9,
+        description="Accepted with gzip (0-9); no effect, as nothing is recompressed.",
+    )
+    force_compression: Literal[False] = Field(
+        default=False,
+        alias="force-compression",
+        description="Only false: forcing would mean recompressing, which is not done.",
+    )
+
+    @field_validator("compression", mode="before")
+    @classmethod
+    def _gzip_only(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "gzip":
+            return "gzip"
+        if value is not None:
+            raise ValueError(f"{str(value)[:40]!r}: {_NO_RECOMPRESSION}; only gzip is accepted")
+        return value
+
+    @field_validator("force_compression", mode="before")
+    @classmethod
+    def _not_forced(cls, value: Any) -> Any:
+        if str(value).strip().lower() not in _FALSE:
+            raise ValueError(f"{_NO_RECOMPRESSION}; only false is accepted")
+        return False
+
+
 class LocalSpec(_Spec):
     """A cache directory as ``--export-cache type=local,dest=DIR`` wrote it (OCI layout)."""
 
-    type: Literal["local"] = "local"
+    type: Literal["local"] = Field(default="local", description="Cache type: local.")
     src: str = Field(description="Directory holding oci-layout, index.json and blobs/.")
     tag: str | None = Field(
         default=None, description="Manifest picked by its ref name annotation (default latest)."
@@ -116,10 +162,10 @@ class LocalSpec(_Spec):
         return self
 
 
-class S3Spec(_Spec):
+class S3Spec(_BuildxTarget):
     """BuildKit's S3 cache layout, with BuildKit's attribute names and defaults."""
 
-    type: Literal["s3"] = "s3"
+    type: Literal["s3"] = Field(default="s3", description="Cache type: s3.")
     bucket: str = Field(description="Bucket name.")
     region: str | None = Field(default=None, description="Bucket region (worker default).")
     prefix: str = Field(default="", description="Prefix of every key.")
@@ -144,7 +190,26 @@ class S3Spec(_Spec):
         default=False, alias="image-manifest", description="Write an OCI image manifest."
     )
     mode: Literal["min", "max"] | None = Field(
-        default=None, description="Accepted for buildx compatibility; every record is copied."
+        default=None,
+        description=(
+            "buildx's cache mode, recorded for compatibility: the local cache already decided "
+            "which records it holds, and every one is copied."
+        ),
+    )
+    disable_accept_encoding: bool = Field(
+        default=False,
+        description=(
+            "Strip Accept-Encoding before signing (for GCS, whose front end rewrites that "
+            "header and so breaks the signature)."
+        ),
+    )
+    retry_mode: Literal["standard", "adaptive"] | None = Field(
+        default=None, description="botocore retry mode (worker default: standard)."
+    )
+    retry_max_attempts: int | None = Field(
+        default=None,
+        ge=1,
+        description="Attempts per S3 request, the first included (worker default).",
     )
     merge: Annotated[
         Literal["false", "true", "replace-invalid"],
@@ -261,7 +326,7 @@ class S3Spec(_Spec):
         return f"{self.prefix}{self.manifests_prefix}{name}"
 
 
-class LocalTargetSpec(_Spec):
+class LocalTargetSpec(_BuildxTarget):
     """``--cache-to type=local,dest=DIR``: an OCI image layout, as BuildKit's local exporter.
 
     BuildKit's defaults differ from the S3 ones: an OCI image manifest unless
@@ -283,18 +348,6 @@ class LocalTargetSpec(_Spec):
     mode: Literal["min", "max"] | None = Field(
         default=None, description="Accepted for buildx compatibility; every record is copied."
     )
-    ignore_error: bool = Field(
-        default=False, alias="ignore-error", description="Accepted for buildx compatibility."
-    )
-    compression: Literal["gzip", "estargz", "zstd", "uncompressed"] | None = Field(
-        default=None, description="Accepted for buildx compatibility; blobs are not recompressed."
-    )
-    compression_level: int | None = Field(
-        default=None, alias="compression-level", description="Accepted, as compression."
-    )
-    force_compression: bool = Field(
-        default=False, alias="force-compression", description="true is refused: no recompressing."
-    )
     reset: bool = Field(
         default=False, description="true is refused: unreferenced blobs are never pruned."
     )
@@ -312,13 +365,6 @@ class LocalTargetSpec(_Spec):
         if not value:
             raise ValueError("must not be empty")
         return _check_text(value, "tag")
-
-    @field_validator("force_compression")
-    @classmethod
-    def _no_recompression(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("not supported: blobs are copied as they are, never recompressed")
-        return value
 
     @field_validator("reset")
     @classmethod
@@ -420,12 +466,16 @@ def spec_items(text: str) -> dict[str, str]:
 
 _SPEC_ADAPTER: TypeAdapter[LocalSpec | S3Spec] = TypeAdapter(Source)
 _TARGET_ADAPTER: TypeAdapter[LocalTargetSpec | S3Spec] = TypeAdapter(Target)
-_DASHED = (
-    "oci_mediatypes",
-    "image_manifest",
-    "ignore_error",
-    "compression_level",
-    "force_compression",
+# Attributes buildx spells with a dash (spec_items folds them to underscores).
+_DASHED = tuple(
+    sorted(
+        {
+            name
+            for model in (S3Spec, LocalTargetSpec)
+            for name, field in model.model_fields.items()
+            if field.alias and "-" in field.alias
+        }
+    )
 )
 
 

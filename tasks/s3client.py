@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import boto3
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
 if TYPE_CHECKING:
+    from botocore.config import _RetryDict as _Retries
     from mypy_boto3_s3 import S3Client
 
 TRANSIENT_CODES = frozenset(
@@ -48,6 +50,11 @@ class S3Endpoint:
     request_checksum: Literal["when_supported", "when_required"] = "when_supported"
     max_attempts: int = 5
     max_pool_connections: int = 32
+    # A request's retry_mode / retry_max_attempts (BuildKit's meaning: attempts including
+    # the first, botocore's total_max_attempts); None keeps the worker's max_attempts.
+    retry_mode: Literal["standard", "adaptive"] = "standard"
+    total_max_attempts: int | None = None
+    disable_accept_encoding: bool = False
 
 
 _clients: dict[S3Endpoint, S3Client] = {}
@@ -61,7 +68,7 @@ def client_for(endpoint: S3Endpoint) -> S3Client:
         if found is None:
             config = Config(
                 region_name=endpoint.region,
-                retries={"max_attempts": endpoint.max_attempts, "mode": "standard"},
+                retries=_retries(endpoint),
                 s3={"addressing_style": "path" if endpoint.use_path_style else "auto"},
                 request_checksum_calculation=endpoint.request_checksum,
                 response_checksum_validation=endpoint.request_checksum,
@@ -73,8 +80,26 @@ def client_for(endpoint: S3Endpoint) -> S3Client:
             found = boto3.session.Session().client(
                 "s3", endpoint_url=endpoint.endpoint_url, config=config
             )
+            if endpoint.disable_accept_encoding:
+                found.meta.events.register("before-sign.s3", strip_accept_encoding)
             _clients[endpoint] = found
         return found
+
+
+def _retries(endpoint: S3Endpoint) -> _Retries:
+    if endpoint.total_max_attempts is not None:
+        return {"total_max_attempts": endpoint.total_max_attempts, "mode": endpoint.retry_mode}
+    return {"max_attempts": endpoint.max_attempts, "mode": endpoint.retry_mode}
+
+
+def strip_accept_encoding(request: AWSRequest, **_: Any) -> None:
+    """Keep Accept-Encoding out of the signature (BuildKit's ``disable_accept_encoding``).
+
+    Google Cloud Storage's front end rewrites that header after the client signed it, so
+    a signed one makes every request fail with SignatureDoesNotMatch.
+    """
+    if "Accept-Encoding" in request.headers:
+        del request.headers["Accept-Encoding"]
 
 
 def error_code(exc: ClientError) -> str:

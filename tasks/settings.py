@@ -131,6 +131,9 @@ class Settings(BaseSettings):
                 request_checksum=self.s3_request_checksum,
                 max_attempts=self.s3_max_attempts,
                 max_pool_connections=max(32, spec.upload_parallelism * 2),
+                retry_mode=spec.retry_mode or "standard",
+                total_max_attempts=spec.retry_max_attempts,
+                disable_accept_encoding=spec.disable_accept_encoding,
             )
         )
 

@@ -91,6 +91,10 @@ class CacheConfig(NamedTuple):
 
 # --- decoding ----------------------------------------------------------------------------
 
+# Builds a named tuple from a tuple of all its fields without its Python-level __new__:
+# a large config has hundreds of thousands of them.
+_make: Final = tuple.__new__
+
 _CONFIG_FIELDS: Final = gojson.Fields("layers", "records")
 _LAYER_FIELDS: Final = gojson.Fields("blob", "parent", "annotations")
 _ANNOTATION_FIELDS: Final = gojson.Fields("mediaType", "diffID", "size", "createdAt")
@@ -162,10 +166,13 @@ def _layer(value: object, index: int) -> CacheLayer:
         blob = check_digest(blob, f"{where}.blob")
     parent = _int(obj.get("parent"), f"{where}.parent")
     annotations = obj.get("annotations")
-    return CacheLayer(
-        blob,
-        parent,
-        None if annotations is None else _annotations(annotations, f"{where}.annotations"),
+    return _make(
+        CacheLayer,
+        (
+            blob,
+            parent,
+            None if annotations is None else _annotations(annotations, f"{where}.annotations"),
+        ),
     )
 
 
@@ -181,7 +188,7 @@ def _annotations(value: object, where: str) -> LayerAnnotations:
     if size < 0:
         raise FormatError(f"size must not be negative, got {size}", f"{where}.size")
     created_at = _time(obj.get("createdAt"), f"{where}.createdAt")
-    return LayerAnnotations(media_type, diff_id, size, created_at)
+    return _make(LayerAnnotations, (media_type, diff_id, size, created_at))
 
 
 def _record(value: object, index: int) -> CacheRecord:
@@ -211,7 +218,7 @@ def _record(value: object, index: int) -> CacheRecord:
             _chain(item, f"{where}.chains[{i}]")
             for i, item in enumerate(gojson.expect_list(chain_values, f"{where}.chains"))
         )
-    return CacheRecord(digest, slots, results, chains)
+    return _make(CacheRecord, (digest, slots, results, chains))
 
 
 def _slot(value: object, record: str, i: int) -> tuple[CacheInput, ...]:
@@ -224,7 +231,7 @@ def _slot(value: object, record: str, i: int) -> tuple[CacheInput, ...]:
             selector = item.get("selector", "")
             link = item.get("link", 0)
             if type(selector) is str and type(link) is int and _INT_MIN <= link <= _INT_MAX:
-                out.append(CacheInput(selector, link))
+                out.append(_make(CacheInput, (selector, link)))
                 continue
         where = f"{record}.inputs[{i}][{j}]"
         obj = _fields(item, _INPUT_FIELDS, where)
@@ -243,7 +250,7 @@ def _result(value: object, record: str, i: int) -> CacheResult:
         created_at = value.get("createdAt")
         if type(layer) is int and _INT_MIN <= layer <= _INT_MAX and type(created_at) is str:
             try:
-                return CacheResult(layer, GoTime.parse(created_at))
+                return _make(CacheResult, (layer, GoTime.parse(created_at)))
             except ValueError:
                 pass  # reported with its location below
     where = f"{record}.layers[{i}]"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
@@ -58,7 +58,16 @@ class Descriptor:
         """The same blob under another media type (Docker <-> OCI conversion)."""
         if media_type == self.media_type:
             return self
-        return replace(self, media_type=media_type)
+        if type(media_type) is not str:
+            raise FormatError(f"media type must be a string, got {show(media_type)}")
+        # Everything else was validated when this descriptor was made: copy, don't recheck
+        # (a large cache converts tens of thousands of layers).
+        copy = object.__new__(Descriptor)
+        object.__setattr__(copy, "media_type", media_type)
+        object.__setattr__(copy, "digest", self.digest)
+        object.__setattr__(copy, "size", self.size)
+        object.__setattr__(copy, "annotations", self.annotations)
+        return copy
 
     def to_go(self) -> dict[str, object]:
         """The descriptor as Go's ``ocispecs.Descriptor`` orders and omits its fields."""

@@ -13,8 +13,9 @@ rules, and the quirks that come with them (the merged-away node stays in the gra
 result counts as present when the creation time and the number of layers match), are
 BuildKit's: the marshalled config has to be the bytes BuildKit would write.
 
-Where BuildKit iterates a Go map (random order), this code uses insertion order, so the
-result is deterministic; ``marshal`` then orders what it reads canonically.
+Where BuildKit iterates a Go map (random order), this code iterates in insertion order
+(roots, children and each slot's links are dicts), which defines the canonical output:
+``marshal`` walks the graph in that order and applies only BuildKit's own sorts.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class CacheGraph:
 
     def __init__(self) -> None:
         self._roots: dict[str, CacheNode] = {}
-        self._count = 0
+        self._nodes: list[CacheNode] = []  # every node ever created, for release()
         # id(chain) -> (chain, chain without its top layer), for chains built by the parser:
         # lets marshal write a chain in one step when its parent chain is already written.
         self._prefixes: dict[int, tuple[tuple[Descriptor, ...], tuple[Descriptor, ...]]] = {}
@@ -187,8 +188,8 @@ class CacheGraph:
         return self._add(digest, deps, checked)
 
     def _new_node(self, digest: str, results: list[ExportResult]) -> CacheNode:
-        node = CacheNode(self, digest, self._count)
-        self._count += 1
+        node = CacheNode(self, digest, len(self._nodes))
+        self._nodes.append(node)
         node._results = results
         return node
 
@@ -249,12 +250,13 @@ class CacheGraph:
 
     @staticmethod
     def _merge(nodes: list[CacheNode]) -> CacheNode:
-        """Fold several matching nodes into the oldest one, as BuildKit merges them.
+        """Fold several matching nodes into the first one found, as BuildKit merges them.
 
-        The others keep their own parents (so they stay in the graph), their children
-        and results are copied to the survivor, and the children now link to it.
+        "First" is the first of the candidates of the first slot, in the order the links
+        and children were added (BuildKit takes the first a Go map yields). The others keep
+        their own parents (so they stay in the graph), their children and results are
+        copied to the survivor, and the children now link to it.
         """
-        nodes = sorted(nodes, key=lambda n: n._seq)
         main = nodes[0]
         for other in nodes[1:]:
             moved = other._children or {}
@@ -321,6 +323,22 @@ class CacheGraph:
                     slot.append((selector, parent))
             kept.append(slot)
         return kept
+
+    def release(self) -> None:
+        """Unlink every node, leaving the graph empty, so reference counting frees it now.
+
+        Nodes link both ways (inputs and children), so a dropped graph is cyclic garbage
+        that waits for the cycle collector, which then walks every object of a large cache
+        (about as long as marshalling it). Call this when the graph is no longer needed.
+        """
+        for node in self._nodes:
+            node._children = None
+            node._parents = []
+            node._extra_parents = None
+            node._results = []
+        self._nodes = []
+        self._roots = {}
+        self._prefixes = {}
 
     def nodes(self) -> list[CacheNode]:
         """Every node reachable from the roots, depth first."""

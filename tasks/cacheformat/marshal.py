@@ -11,11 +11,13 @@ follow BuildKit step by step:
    digest, then input shape, selectors and linked digests; indexes are renumbered and the
    links of a slot sorted by record index.
 
-BuildKit iterates Go maps (random order) where the order can matter only for ties; here
-leaves and links are visited in a canonical order (by digest and selector), so equal graphs
-give equal bytes whatever order they were built in. One tie is not left to chance: links of
-a slot to the same record keep the order they were added in, which is what BuildKit writes
-in practice (Go walks a small map mostly in insertion order; the golden fixtures show it).
+BuildKit keeps leaves, nodes and each slot's links in Go maps and writes them in iteration
+order, which Go randomises; for most graphs the sort makes that invisible, but not for a
+slot with several links to one record or for records merged from duplicates. The canonical
+output is the one where every such map is iterated in insertion order, as a Python dict
+iterates: roots in the order they were created, children and links in the order they were
+added. Nothing is sorted that BuildKit does not sort, and its sorts are reproduced with their
+tie rules (:mod:`tasks.cacheformat.gosort`).
 """
 
 from __future__ import annotations
@@ -63,40 +65,19 @@ class Marshalled:
         return {descriptor.digest: descriptor for descriptor in self.layers}
 
 
-def _node_key(node: CacheNode) -> tuple[object, ...]:
-    """The record sort key computed from the graph, to visit leaves in a canonical order."""
-    key: list[object] = [node.digest, len(node._parents)]
-    for links in node._parents:
-        key.append(len(links))
-        for selector, digest in sorted((selector, parent.digest) for parent, selector in links):
-            key.append(selector)
-            key.append(digest)
-    return tuple(key)
-
-
-# A link to follow: (slot, selector, linked node, rank among the slot's links as added).
-_Link = tuple[int, str, CacheNode, int]
-# A link written: (selector, record index before sorting, rank).
-_Written = tuple[str, int, int]
+# A link to follow: (slot, selector, linked node).
+_Link = tuple[int, str, CacheNode]
+# A link written: (selector, record index before sorting).
+_Written = tuple[str, int]
 
 
 def _links(node: CacheNode) -> list[_Link]:
-    """A node's links in a canonical order, each with its rank in the order they were added.
-
-    The rank breaks ties when the links of a slot are finally sorted by record index: Go
-    iterates a small map mostly in insertion order, and that is what BuildKit's output
-    shows.
-    """
-    out: list[_Link] = []
-    for slot, links in enumerate(node._parents):
-        if len(links) == 1:
-            for parent, selector in links:
-                out.append((slot, selector, parent, 0))
-            continue
-        ranked = [(parent, selector, rank) for rank, (parent, selector) in enumerate(links)]
-        ranked.sort(key=lambda link: (link[1], link[0].digest))
-        out.extend((slot, selector, parent, rank) for parent, selector, rank in ranked)
-    return out
+    """A node's links slot by slot, each slot's in the order they were added."""
+    return [
+        (slot, selector, parent)
+        for slot, links in enumerate(node._parents)
+        for parent, selector in links
+    ]
 
 
 class _Writer:
@@ -132,7 +113,7 @@ class _Writer:
             node, links, slots, position = stack[-1]
             pushed = False
             while position[0] < len(links):
-                slot, selector, target, rank = links[position[0]]
+                slot, selector, target = links[position[0]]
                 index = record_of.get(target)
                 if index is None:
                     record_of[target] = -1
@@ -141,7 +122,7 @@ class _Writer:
                     break
                 position[0] += 1
                 if index != -1:  # -1: still being written, a cycle; BuildKit skips it
-                    slots[slot].append((selector, index, rank))
+                    slots[slot].append((selector, index))
             if pushed:
                 continue
             stack.pop()
@@ -206,11 +187,9 @@ class _Writer:
         digests = self.digests
         key: list[object] = [digests[record], len(self.slots[record])]
         for links in self.slots[record]:
-            if len(links) > 1:
-                # BuildKit's order inside a slot comes from a Go map; make it canonical.
-                links.sort(key=lambda link: (link[0], digests[link[1]]))
+            # Links as written (not yet sorted): BuildKit compares them before their sort.
             key.append(len(links))
-            for selector, index, _rank in links:
+            for selector, index in links:
                 key.append(selector)
                 key.append(digests[index])
         return tuple(key)
@@ -221,10 +200,13 @@ class _Writer:
         new_layer = [0] * len(layer_order)
         for position, old in enumerate(layer_order):
             new_layer[old] = position
+        # tuple.__new__ builds the named tuples without their Python-level __new__: there
+        # is one per layer, record, link and result of a large cache.
+        make = tuple.__new__
         layers = []
         for old in layer_order:
             blob, parent = self.layers[old]
-            layers.append(CacheLayer(blob, -1 if parent == -1 else new_layer[parent]))
+            layers.append(make(CacheLayer, (blob, -1 if parent == -1 else new_layer[parent], None)))
 
         digests = self.digests
         # Sorting by digest alone gives the final order except among records that share
@@ -245,19 +227,25 @@ class _Writer:
             new_record[old] = position
 
         records = []
+        all_slots = self.slots
+        all_results = self.results
         for old in record_order:
             inputs: list[tuple[CacheInput, ...]] = []
-            for links in self.slots[old]:
+            for links in all_slots[old]:
                 if len(links) == 1:
-                    selector, index, _rank = links[0]
-                    inputs.append((CacheInput(selector, new_record[index]),))
+                    selector, index = links[0]
+                    inputs.append((make(CacheInput, (selector, new_record[index])),))
                     continue
-                # By record index; equal indexes keep the order the links were added in.
-                renumbered = sorted((new_record[index], rank, sel) for sel, index, rank in links)
-                inputs.append(tuple(CacheInput(sel, link) for link, _rank, sel in renumbered))
-            result = self.results[old]
-            results = () if result is None else (CacheResult(new_layer[result[0]], result[1]),)
-            records.append(CacheRecord(digests[old], tuple(inputs), results))
+                # By record index only; equal indexes keep the order they were written in.
+                renumbered = sorted(
+                    ((sel, new_record[index]) for sel, index in links), key=lambda link: link[1]
+                )
+                inputs.append(tuple(make(CacheInput, link) for link in renumbered))
+            result = all_results[old]
+            results = (
+                () if result is None else (make(CacheResult, (new_layer[result[0]], result[1])),)
+            )
+            records.append(make(CacheRecord, (digests[old], tuple(inputs), results, ())))
         return CacheConfig(tuple(layers), tuple(records))
 
 
@@ -269,7 +257,7 @@ def marshal(graph: CacheGraph, *, allow_empty: bool = False) -> Marshalled:
     """
     with paused_gc():
         writer = _Writer(graph._prefixes)
-        for leaf in sorted(graph.leaves(), key=_node_key):
+        for leaf in graph.leaves():
             writer.write(leaf)
         if not writer.layers and not allow_empty:
             raise EmptyCacheError()
@@ -295,7 +283,11 @@ def normalize(data: bytes | str) -> bytes:
         cfg = decode_config(data)
         graph = parse_graph(cfg, descriptors_from_annotations(cfg))
         del cfg  # a large config is freed before the marshalled copy is built
-        return encode_config(marshal(graph, allow_empty=True).config)
+        config = marshal(graph, allow_empty=True).config
+        graph.release()  # freed now, not by the cycle collector once it runs again
+        data = encode_config(config)
+        del config  # freed before the collector is back on, so it never walks it
+    return data
 
 
 def s3_config_bytes(m: Marshalled) -> bytes:

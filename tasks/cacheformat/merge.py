@@ -16,7 +16,9 @@ Three things may then be dropped, each counted in :class:`MergeCounts`:
 
 When anything is dropped, records that then lead to no result (no result of their own and
 no record built on them that has one) go too, and the config is normalised again, so the
-stored bytes are always a fixed point of the normaliser. Results that came with the new
+stored bytes are a fixed point of the normaliser (except where one blob sits under several
+parents: BuildKit orders those layers by their index in its input, so neither its output
+nor ours is a fixed point there). Results that came with the new
 export (by record digest) are never dropped for age or count: the name always serves the
 latest build, even when that alone is over ``max_records``.
 

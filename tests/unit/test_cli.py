@@ -346,6 +346,34 @@ def test_failed_export_exits_1_with_the_workers_message(fake: list[FakeClient]) 
     assert f"writing layer {LAYER_A} ERROR: " in result.stderr
 
 
+def test_ignore_error_reports_the_failure_as_a_warning_and_exits_0(
+    fake: list[FakeClient],
+) -> None:
+    fake.append(FakeClient(running_then_failed()))
+    result = run("export", "--from", FROM, "--to", TO + ",ignore-error=true", "--wait")
+    assert result.exit_code == 0, result.output
+    assert fake[-1].submitted[0].target.ignore_error is True
+    assert lines(result.stderr)[-1] == (
+        f"warning: export {EXPORT_ID} failed: writing layer {LAYER_A}: "
+        "sha256 of the written bytes does not match (ignored: the target has ignore-error=true)"
+    )
+    assert "error:" not in result.stderr
+
+
+def test_ignore_error_with_json_still_prints_the_failure(fake: list[FakeClient]) -> None:
+    fake.append(FakeClient(running_then_failed()))
+    result = run("export", "--from", FROM, "--to", TO + ",ignore-error=true", "--wait", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["state"] == "FAILURE"
+    assert "warning: export" in result.stderr
+
+
+def test_ignore_error_false_still_fails(fake: list[FakeClient]) -> None:
+    fake.append(FakeClient(running_then_failed()))
+    result = run("export", "--from", FROM, "--to", TO + ",ignore-error=false", "--wait")
+    assert result.exit_code == 1
+
+
 def test_ctrl_c_stops_watching_and_says_how_to_resume(
     fake: list[FakeClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:

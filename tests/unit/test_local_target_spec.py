@@ -40,13 +40,13 @@ def test_image_manifest_follows_oci_mediatypes_unless_given(
 
 def test_buildx_compatible_attributes_are_accepted() -> None:
     spec = local(
-        "type=local,dest=/d,tag=v1,mode=max,ignore-error=true,compression=zstd,"
+        "type=local,dest=/d,tag=v1,mode=max,ignore-error=true,compression=gzip,"
         "compression-level=3,force-compression=false,reset=false"
     )
     assert (spec.tag, spec.mode, spec.compression, spec.compression_level) == (
         "v1",
         "max",
-        "zstd",
+        "gzip",
         3,
     )
     assert spec.ignore_error
@@ -61,7 +61,11 @@ def test_buildx_compatible_attributes_are_accepted() -> None:
         ("type=local,dest=/d,tag=a\x07", "target.tag: "),
         ("type=local,dest=/d,src=/c", "target.src: unknown attribute"),
         ("type=local,dest=/d,oci-mediatypes=false,image-manifest=true", "needs oci-mediatypes"),
-        ("type=local,dest=/d,force-compression=true", "target.force-compression: not supported"),
+        (
+            "type=local,dest=/d,force-compression=true",
+            "target.force-compression: recompression is not done",
+        ),
+        ("type=local,dest=/d,compression=zstd", "target.compression: 'zstd': recompression"),
         ("type=local,dest=/d,reset=true", "target.reset: not supported"),
         ("type=local,dest=/d,compression=lz4", "target.compression: "),
         ("type=local,dest=/d,mode=all", "target.mode: "),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -66,10 +67,89 @@ def test_defaults_are_buildkits() -> None:
         ("oci_mediatypes=true", "oci_mediatypes", True),
         ("mode=max", "mode", "max"),
         ("mode=min", "mode", "min"),
+        ("disable_accept_encoding=true", "disable_accept_encoding", True),
+        ("disable_accept_encoding=false", "disable_accept_encoding", False),
+        ("retry_mode=standard", "retry_mode", "standard"),
+        ("retry_mode=adaptive", "retry_mode", "adaptive"),
+        ("retry_max_attempts=1", "retry_max_attempts", 1),
+        ("retry_max_attempts=10", "retry_max_attempts", 10),
+        ("ignore-error=true", "ignore_error", True),
+        ("ignore_error=true", "ignore_error", True),
+        ("ignore-error=false", "ignore_error", False),
+        ("compression=gzip", "compression", "gzip"),
+        ("compression=GZIP", "compression", "gzip"),
+        ("compression-level=0", "compression_level", 0),
+        ("compression-level=9", "compression_level", 9),
+        ("compression_level=6", "compression_level", 6),
+        ("force-compression=false", "force_compression", False),
+        ("force_compression=false", "force_compression", False),
     ],
 )
 def test_every_s3_attribute(attribute: str, field: str, expected: Any) -> None:
     assert getattr(s3(f"type=s3,bucket=cache-bucket,{attribute}"), field) == expected
+
+
+def test_a_pasted_cache_to_string_is_accepted_whole() -> None:
+    # What a build farm already passes to buildx --cache-to, every attribute at once.
+    spec = parse_target(
+        "type=s3,region=us-east-1,bucket=cache-bucket,name=app,mode=max,ignore-error=true,"
+        "compression=gzip,compression-level=6,force-compression=false,"
+        "disable_accept_encoding=true,retry_mode=adaptive,retry_max_attempts=7,"
+        "oci-mediatypes=true,image-manifest=true,upload_parallelism=8,touch_refresh=12h"
+    )
+    assert (spec.mode, spec.ignore_error, spec.compression) == ("max", True, "gzip")
+    assert (spec.compression_level, spec.force_compression) == (6, False)
+    assert (spec.disable_accept_encoding, spec.retry_mode, spec.retry_max_attempts) == (
+        True,
+        "adaptive",
+        7,
+    )
+
+
+def test_new_attributes_default_to_buildkits() -> None:
+    spec = s3("type=s3,bucket=cache-bucket")
+    assert spec.disable_accept_encoding is False
+    assert spec.retry_mode is None and spec.retry_max_attempts is None
+    assert spec.ignore_error is False
+    assert spec.compression is None and spec.compression_level is None
+    assert spec.force_compression is False
+
+
+def test_new_attributes_in_a_json_request_either_spelling() -> None:
+    body = {
+        "source": {"type": "s3", "bucket": "src-bucket", "retry_max_attempts": 3},
+        "target": {
+            "type": "s3",
+            "bucket": "cache-bucket",
+            "ignore-error": True,
+            "compression-level": 4,
+            "force_compression": False,
+            "retry_mode": "standard",
+        },
+    }
+    request = parse_request(body)
+    assert request.target.ignore_error is True
+    assert request.target.compression_level == 4
+    assert request.target.retry_mode == "standard"
+    assert isinstance(request.source, S3Spec) and request.source.retry_max_attempts == 3
+
+
+@pytest.mark.parametrize(
+    ("attribute", "field"),
+    [
+        ("compression=zstd", "target.compression"),
+        ("compression=estargz", "target.compression"),
+        ("compression=uncompressed", "target.compression"),
+        ("force-compression=true", "target.force-compression"),
+        ("force_compression=1", "target.force-compression"),
+    ],
+)
+def test_recompression_is_refused_naming_the_attribute(attribute: str, field: str) -> None:
+    with pytest.raises(RequestError) as failure:
+        parse_spec(f"type=s3,bucket=cache-bucket,{attribute}", "target")
+    message = str(failure.value)
+    assert message.startswith(f"{field}: ")
+    assert "recompression is not done" in message
 
 
 def test_image_manifest_with_oci_mediatypes() -> None:
@@ -173,6 +253,15 @@ def test_unknown_attributes_are_named(text: str, message: str) -> None:
         ("type=s3,bucket=cache-bucket,prefix=../x", "target.prefix: "),
         ("type=s3,bucket=cache-bucket,prefix=/abs/", "must not start with '/'"),
         ("type=s3,bucket=cache-bucket,mode=all", "target.mode: "),
+        ("type=s3,bucket=cache-bucket,retry_mode=legacy", "target.retry_mode: "),
+        ("type=s3,bucket=cache-bucket,retry_max_attempts=0", "target.retry_max_attempts: "),
+        ("type=s3,bucket=cache-bucket,retry_max_attempts=x", "target.retry_max_attempts: "),
+        ("type=s3,bucket=cache-bucket,disable_accept_encoding=maybe", "disable_accept_encoding"),
+        ("type=s3,bucket=cache-bucket,ignore-error=sometimes", "target.ignore-error: "),
+        ("type=s3,bucket=cache-bucket,compression-level=10", "target.compression-level: "),
+        ("type=s3,bucket=cache-bucket,compression-level=-1", "target.compression-level: "),
+        ("type=s3,bucket=cache-bucket,compression-level=high", "target.compression-level: "),
+        ("type=s3,bucket=cache-bucket,ignore-error=1,ignore_error=0", "given twice"),
         ("type=s3,bucket=cache-bucket,image-manifest=true", "needs oci-mediatypes=true"),
         ("type=local", "target.src: required"),
         ("type=local,src=", "target.src: must name a directory"),
@@ -265,6 +354,27 @@ def test_schema_describes_both_parts() -> None:
         "oci-mediatypes",
         "image-manifest",
         "mode",
+        "disable_accept_encoding",
+        "retry_mode",
+        "retry_max_attempts",
+        "ignore-error",
+        "compression",
+        "compression-level",
+        "force-compression",
     ):
         assert name in s3_props, name
+    for part in ("S3Spec", "LocalSpec"):
+        for name, prop in schema["$defs"][part]["properties"].items():
+            assert prop.get("description"), f"{part}.{name} has no description"
     assert not set(s3_props) & {"access_key_id", "secret_access_key", "session_token"}
+
+
+def test_readme_lists_every_target_attribute() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    rows = {
+        line.split("|")[1].strip().strip("`")
+        for line in readme.splitlines()
+        if line.startswith("| `")
+    }
+    for name in request_schema()["$defs"]["S3Spec"]["properties"]:
+        assert name in rows, f"README's attribute table lacks {name}"

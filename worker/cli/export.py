@@ -29,7 +29,14 @@ from worker.cli.common import (
     redis_option,
     resolve_redis_url,
 )
-from worker.cli.report import dumps, error_line, failed, failure_json, summary_lines
+from worker.cli.report import (
+    dumps,
+    error_line,
+    failed,
+    failure_json,
+    ignored_error_line,
+    summary_lines,
+)
 from worker.cli.watch import watch
 from worker.client import Client, Snapshot
 
@@ -85,11 +92,15 @@ def connect(redis_url: str | None) -> Client:
     return Client(url)
 
 
-def follow(client: Client, export_id: str, as_json: bool, started: float) -> None:
+def follow(
+    client: Client, export_id: str, as_json: bool, started: float, ignore_error: bool = False
+) -> None:
     """Print the id, watch to the end, then print the summary (or the JSON).
 
-    Exits non-zero on failure. Ctrl-C from the moment the export is enqueued only stops the
-    watching, and says how to pick it up again.
+    Exits non-zero on failure, unless ``ignore_error`` (the target's ``ignore-error``): a
+    build farm that asked for it wants the failure reported, not its job failed. Ctrl-C
+    from the moment the export is enqueued only stops the watching, and says how to pick
+    it up again.
     """
     err = Console(stderr=True, highlight=False)
     try:
@@ -108,6 +119,9 @@ def follow(client: Client, export_id: str, as_json: bool, started: float) -> Non
     if failed(snap):
         if as_json:
             click.echo(dumps(failure_json(snap)))
+        if ignore_error:
+            click.echo(redact(ignored_error_line(snap)), err=True)
+            return
         fail(redact(error_line(snap)), EXIT_FAILED)
     result = snap.result or {}
     if as_json:
@@ -176,4 +190,4 @@ def export_command(
             click.echo(export_id)
             click.echo(f"follow it with: cacheship status {export_id} --wait", err=True)
         return
-    follow(client, export_id, as_json, started)
+    follow(client, export_id, as_json, started, request.target.ignore_error)

@@ -30,6 +30,11 @@ def error_line(snap: Snapshot) -> str:
     return f"export {snap.export_id} failed: {snap.error or snap.state.lower()}"
 
 
+def ignored_error_line(snap: Snapshot) -> str:
+    """A failure the target's ``ignore-error=true`` turns into a warning (as buildx does)."""
+    return f"warning: {error_line(snap)} (ignored: the target has ignore-error=true)"
+
+
 def step_json(step: StepStatus) -> dict[str, Any]:
     return {
         "name": step.name,
