@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import IO
 
 import click
@@ -21,7 +22,7 @@ from worker.cli.common import (
     redis_option,
     resolve_redis_url,
 )
-from worker.cli.report import dumps, error_line, failed, failure_json, summary_lines
+from worker.cli.report import dumps, error_line, failed, failure_json, summary_lines, took
 from worker.cli.watch import watch
 from worker.client import Client, Snapshot
 
@@ -33,6 +34,32 @@ def _absolute(spec: LocalSpec | S3Spec) -> LocalSpec | S3Spec:
     return spec
 
 
+def check_local_source(spec: LocalSpec | S3Spec, given: str, option: str) -> None:
+    """Refuse at enqueue time what the workers would refuse, when this host can tell.
+
+    With ``CACHESHIP_SOURCE_ROOTS`` set here (the demo's env file and the compose ``.env``
+    set it: the CLI runs where the workers' paths mean the same), the directory must lie
+    under those roots and be a BuildKit cache. Without it, the workers may see another
+    filesystem: only a directory that exists here (or a relative ``src``, which was resolved
+    here) is checked to be a cache; anything else is left to the workers, whose error names
+    the setting.
+    """
+    if not isinstance(spec, LocalSpec):
+        return
+    from tasks.settings import Settings
+    from tasks.sources import local
+    from tasks.sources.common import SourceError
+
+    roots = Settings().source_roots
+    try:
+        if roots:
+            local.resolve_source_dir(spec.src, roots)
+        elif not os.path.isabs(given) or os.path.exists(spec.src):
+            local.check_layout(Path(spec.src))
+    except SourceError as exc:
+        fail(f"{option}: {exc}", EXIT_USAGE)
+
+
 def build_request(source: str | None, target: str | None, request: IO[str] | None) -> ExportRequest:
     """The request from ``--from``/``--to`` or from ``--request``; errors exit with 2."""
     if request is not None:
@@ -42,13 +69,20 @@ def build_request(source: str | None, target: str | None, request: IO[str] | Non
             parsed = parse_request(request.read())
         except RequestError as exc:
             fail(f"--request: {exc}", EXIT_USAGE)
-        return parsed.model_copy(update={"source": _absolute(parsed.source)})
+        given = parsed.source.src if isinstance(parsed.source, LocalSpec) else ""
+        absolute = _absolute(parsed.source)
+        check_local_source(absolute, given, "--request")
+        return parsed.model_copy(update={"source": absolute})
     if not source or not target:
         fail("give --from SRC and --to DST (or --request FILE)", EXIT_USAGE)
-    src = _absolute(parse_option_spec(source, "--from", "source"))
+    parsed_src = parse_option_spec(source, "--from", "source")
+    src = _absolute(parsed_src)
     dst = parse_option_spec(target, "--to", "target")
     if not isinstance(dst, S3Spec):
         fail("--to: target.type: only type=s3 can be a target", EXIT_USAGE)
+    check_local_source(
+        src, parsed_src.src if isinstance(parsed_src, LocalSpec) else "", "--from"
+    )
     try:
         return parse_request(
             {
@@ -95,7 +129,7 @@ def follow(client: Client, export_id: str, as_json: bool, started: float) -> Non
     if as_json:
         click.echo(dumps(result))
     else:
-        for line in summary_lines(result, time.monotonic() - started):
+        for line in summary_lines(result, took(snap, time.monotonic() - started)):
             click.echo(line)
 
 
