@@ -70,7 +70,7 @@ def configure(app: Celery, settings: Settings) -> None:
     )
 
 
-app = Celery("cacheship", include=["tasks.pipeline", "worker.health"])
+app = Celery("cacheship", include=["tasks.pipeline", "worker.health", "worker.refusals"])
 
 
 @app.on_configure.connect

@@ -250,7 +250,8 @@ def test_local_sources_are_disabled_without_source_roots(
     source_root: Path,
 ) -> None:
     workers(worker_env(redis_server.url, s3_server.url, source_root, CACHESHIP_SOURCE_ROOTS=""))
-    with pytest.raises(ExportError, match=r"source\.src: local sources are disabled: CACHESHIP_SOURCE_ROOTS is empty"):
+    disabled = r"source\.src: local sources are disabled: CACHESHIP_SOURCE_ROOTS is empty"
+    with pytest.raises(ExportError, match=disabled):
         client.wait(client.submit({"source": local(cache), "target": target(bucket)}), timeout=60)
     assert keys(s3, bucket) == []
 
