@@ -487,6 +487,8 @@ def pick_rows(tracker: Tracker, rows: int) -> tuple[list[StepView], int]:
     failed = [steps[name] for name in tracker.failed_order]
     shown = failed[: max(rows - 1, 1)] if len(failed) > rows else failed
     hidden_failures = len(failed) - len(shown)
+    if hidden_failures:
+        return shown, hidden_failures  # the last row says how many more failed
     room = rows - len(shown)
     if room > 0:
         running = [v for v in steps.values() if v.kind == "layer" and v.running]
