@@ -201,3 +201,40 @@ def test_refusals_are_one_warning_line_in_the_workers_log(
     assert any(cache.layers[1].digest in line for line in refused), refused
     assert "raised unexpected" not in log
     assert "Traceback" not in log
+
+
+def _calls(conn: redis.Redis) -> dict[str, int]:
+    stats = conn.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def test_a_poll_costs_the_same_round_trips_whatever_the_number_of_finished_layers(
+    env: dict[str, str],
+    source_root: Path,
+    bucket: str,
+    workers: Callable[..., Worker],
+    redis_server: ServerProcess,
+) -> None:
+    cache = write_sample_cache(source_root / "poll", [5000 + i for i in range(60)], seed=12)
+    workers(env, concurrency=2)
+    client = Client(redis_server.url)
+    export_id = client.submit(
+        {"source": {"type": "local", "src": str(cache.path)}, "target": {"bucket": bucket}}
+    )
+    client.wait(export_id, timeout=300)
+    conn = redis.Redis.from_url(redis_server.url)
+    watcher = Client(redis_server.url)
+    before = _calls(conn)
+    first = watcher.snapshot(export_id)
+    middle = _calls(conn)
+    second = watcher.snapshot(export_id)
+    after = _calls(conn)
+    assert [s.state for s in first.steps] == [s.state for s in second.steps]
+    assert sum(1 for s in second.steps if s.status == "uploaded") == 60
+    grew = {k: middle.get(k, 0) - before.get(k, 0) for k in middle}
+    # the first look: the export and its submission, one MGET of the 60 layers, one HMGET
+    assert grew.get("mget") == 1 and grew.get("hmget") == 1, grew
+    again = {k: after.get(k, 0) - middle.get(k, 0) for k in after}
+    again = {k: v for k, v in again.items() if v and k != "info"}
+    # settled layers are not read again: two GETs in one round trip
+    assert again == {"get": 2}, again

@@ -208,3 +208,13 @@ def test_a_bug_behind_a_refusal_keeps_its_traceback_and_errors_stay_errors() -> 
     other = record(RuntimeError("boom"))
     RefusalFilter().filter(other)
     assert other.levelno == logging.ERROR and other.exc_info is not None
+
+
+def test_how_long_an_export_took_does_not_depend_on_who_watched() -> None:
+    from worker.cli.report import took
+
+    result = {"completed_at": "2026-01-01T10:00:42.500Z"}
+    submitted = 1767261600.0  # 2026-01-01T10:00:00Z
+    done = Snapshot(EXPORT_ID, "SUCCESS", result=result, submitted_at=submitted)
+    assert took(done, fallback=3.0) == 42.5
+    assert took(Snapshot(EXPORT_ID, "SUCCESS", result=result), fallback=3.0) == 3.0
