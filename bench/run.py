@@ -113,11 +113,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--scratch", type=Path, default=None, help="scratch directory (default: under /tmp)"
     )
     parser.add_argument(
+        "--prune-size",
+        default=None,
+        metavar="BLOBS,NAMES",
+        help="size of the prune scenario (default 100000,1000; --quick 300,10)",
+    )
+    parser.add_argument(
         "--worker-env",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra worker setting, e.g. CACHESHIP_BATCH_LAYERS=32 (repeatable)",
+        help="extra worker setting, e.g. CACHESHIP_PROGRESS_INTERVAL=1 (repeatable)",
     )
     return parser.parse_args(argv)
 
@@ -137,6 +143,9 @@ def _warm_up(ctx: Context) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     kind = args.server or servers.default_server()
     sizes = Sizes.quick() if args.quick else Sizes.full(args.runs)
+    if args.prune_size:
+        blobs, names = (int(part) for part in args.prune_size.split(","))
+        sizes.prune = (blobs, names)
     chosen = args.only or list(SCENARIOS)
     part_size = Settings().part_size
     rows: list[Row] = []

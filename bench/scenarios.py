@@ -48,6 +48,8 @@ class Sizes:
     scale_layer: int
     cli: tuple[int, int] = (600, 64 * KiB)
     smoke: bool = False
+    # Scenario 7: blobs in the bucket and names (three layers each) referencing some.
+    prune: tuple[int, int] = (100_000, 1_000)
 
     @classmethod
     def full(cls, runs: int) -> Sizes:
@@ -71,6 +73,7 @@ class Sizes:
             scale_layer=4 * KiB,
             cli=(30, 4 * KiB),
             smoke=True,
+            prune=(300, 10),
         )
 
 
@@ -486,6 +489,11 @@ def normalize(ctx: Context) -> list[Row]:
     ]
 
 
+def prune(ctx: Context) -> list[Row]:
+    """Scenario 7 lives in ``bench/prune.py``."""
+    from bench.prune import prune as run_prune
+
+    return run_prune(ctx)
 def _cli_export(ctx: Context, cache: BenchCache, terminal: bool) -> tuple[float, float, int]:
     """``cacheship export --wait`` of ``cache`` as a user runs it; (CPU s, wall s, screens).
 
@@ -530,7 +538,7 @@ def _cli_export(ctx: Context, cache: BenchCache, terminal: bool) -> tuple[float,
 
 
 def terminal_view(ctx: Context) -> list[Row]:
-    """Scenario 7: what following an export costs the command line, on a terminal and off.
+    """Scenario 8: what following an export costs the command line, on a terminal and off.
 
     Reported, not a target: the live view's CPU should stay a few milliseconds per layer
     whatever the number of layers (it draws a fixed-size screen from counters).
@@ -556,7 +564,7 @@ def terminal_view(ctx: Context) -> list[Row]:
     ours, theirs = _median(tty_cpu), _median(plain_cpu)
     return [
         Row(
-            scenario=f"7 CLI CPU following {count} layers on a terminal (vs plain lines)",
+            scenario=f"8 CLI CPU following {count} layers on a terminal (vs plain lines)",
             unit="CPU s",
             cacheship=round(ours, 3),
             baseline=round(theirs, 3),
@@ -586,5 +594,6 @@ SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
     "memory": memory,
     "scale": scale,
     "normalize": normalize,
+    "prune": prune,
     "cli": terminal_view,
 }

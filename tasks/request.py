@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -35,6 +36,7 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_NAME_BYTES = 1024
+_REPLACE = "replace-invalid"
 
 
 class RequestError(ValueError):
@@ -144,6 +146,33 @@ class S3Spec(_Spec):
     mode: Literal["min", "max"] | None = Field(
         default=None, description="Accepted for buildx compatibility; every record is copied."
     )
+    merge: Annotated[
+        Literal["false", "true", "replace-invalid"],
+        WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": ["false", "true", _REPLACE]}]}),
+    ] = Field(
+        default="false",
+        description="cacheship: merge into what each name holds instead of overwriting it; "
+        "replace-invalid also overwrites a name that holds no valid config.",
+    )
+    max_records: int | None = Field(
+        default=None, ge=1, description="cacheship, with merge: records a name keeps (20000)."
+    )
+    max_age: Annotated[
+        float | None,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "number", "exclusiveMinimum": 0},
+                    {"type": "string"},
+                    {"type": "null"},
+                ]
+            }
+        ),
+    ] = Field(
+        default=None,
+        gt=0,
+        description="cacheship, with merge: seconds (or 14d, 336h) after which stored results go.",
+    )
 
     @field_validator("bucket")
     @classmethod
@@ -187,11 +216,41 @@ class S3Spec(_Spec):
     def _duration(cls, value: Any) -> Any:
         return parse_go_duration(value) if isinstance(value, str) else value
 
+    @field_validator("merge", mode="before")
+    @classmethod
+    def _merge(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            value = {"1": True, "yes": True, "on": True, "0": False, "no": False, "off": False}.get(
+                value, value
+            )
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return value
+
+    @field_validator("max_age", mode="before")
+    @classmethod
+    def _age(cls, value: Any) -> Any:
+        if isinstance(value, str) and not re.fullmatch(r"\d+(\.\d*)?", value.strip()):
+            days, _, rest = value.strip().rpartition("d")
+            if days and not days.isdigit():
+                raise ValueError(f"{value!r} is not an age like 14d, 36h or 1d12h")
+            return int(days or 0) * 86400.0 + (parse_go_duration(rest) if rest else 0.0)
+        return value
+
     @model_validator(mode="after")
     def _image_manifest_needs_oci(self) -> S3Spec:
         if self.image_manifest and not self.oci_mediatypes:
             raise ValueError("image-manifest=true needs oci-mediatypes=true")
+        for bound in ("max_records", "max_age"):
+            if getattr(self, bound) is not None and self.merge == "false":
+                raise ValueError(f"{bound} only applies with merge=true")
         return self
+
+    @property
+    def merges(self) -> bool:
+        """Whether names are merged into (cacheship's ``merge``), not overwritten."""
+        return self.merge != "false"
 
     def blob_key(self, digest: str) -> str:
         """Where BuildKit looks for a blob."""
@@ -202,7 +261,93 @@ class S3Spec(_Spec):
         return f"{self.prefix}{self.manifests_prefix}{name}"
 
 
+class LocalTargetSpec(_Spec):
+    """``--cache-to type=local,dest=DIR``: an OCI image layout, as BuildKit's local exporter.
+
+    BuildKit's defaults differ from the S3 ones: an OCI image manifest unless
+    ``oci-mediatypes=false`` (then a Docker manifest list). Compression attributes are
+    accepted for buildx compatibility; blobs are copied as they are, never recompressed.
+    """
+
+    type: Literal["local"] = "local"
+    dest: str = Field(description="Directory that becomes (or is added to) an OCI layout.")
+    tag: str = Field(default="latest", description="Ref name of the cache in index.json.")
+    oci_mediatypes: bool = Field(
+        default=True, alias="oci-mediatypes", description="OCI media types (else Docker's)."
+    )
+    image_manifest: bool = Field(
+        default=True,
+        alias="image-manifest",
+        description="Write an OCI image manifest (default: true unless oci-mediatypes=false).",
+    )
+    mode: Literal["min", "max"] | None = Field(
+        default=None, description="Accepted for buildx compatibility; every record is copied."
+    )
+    ignore_error: bool = Field(
+        default=False, alias="ignore-error", description="Accepted for buildx compatibility."
+    )
+    compression: Literal["gzip", "estargz", "zstd", "uncompressed"] | None = Field(
+        default=None, description="Accepted for buildx compatibility; blobs are not recompressed."
+    )
+    compression_level: int | None = Field(
+        default=None, alias="compression-level", description="Accepted, as compression."
+    )
+    force_compression: bool = Field(
+        default=False, alias="force-compression", description="true is refused: no recompressing."
+    )
+    reset: bool = Field(
+        default=False, description="true is refused: unreferenced blobs are never pruned."
+    )
+
+    @field_validator("dest")
+    @classmethod
+    def _dest(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must name a directory")
+        return _check_text(value, "dest")
+
+    @field_validator("tag")
+    @classmethod
+    def _tag(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty")
+        return _check_text(value, "tag")
+
+    @field_validator("force_compression")
+    @classmethod
+    def _no_recompression(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("not supported: blobs are copied as they are, never recompressed")
+        return value
+
+    @field_validator("reset")
+    @classmethod
+    def _no_reset(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "not supported: pruning blobs would race with other exports into the directory"
+            )
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _image_manifest_follows_oci(cls, data: Any) -> Any:
+        """BuildKit: without image-manifest, oci-mediatypes=false means a manifest list."""
+        if isinstance(data, dict) and not {"image-manifest", "image_manifest"} & set(data):
+            oci = data.get("oci-mediatypes", data.get("oci_mediatypes", True))
+            if oci is False or str(oci).lower() in ("false", "0", "f", "n", "no", "off"):
+                data = {**data, "image-manifest": False}
+        return data
+
+    @model_validator(mode="after")
+    def _manifest_kind(self) -> LocalTargetSpec:
+        if self.image_manifest and not self.oci_mediatypes:
+            raise ValueError("image-manifest=true needs oci-mediatypes=true")
+        return self
+
+
 Source = Annotated[LocalSpec | S3Spec, Field(discriminator="type")]
+Target = Annotated[LocalTargetSpec | S3Spec, Field(discriminator="type")]
 
 
 class ExportRequest(BaseModel):
@@ -211,7 +356,13 @@ class ExportRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: Source
-    target: S3Spec
+    target: Target
+
+    @model_validator(mode="after")
+    def _merge_is_for_targets(self) -> ExportRequest:
+        if isinstance(self.source, S3Spec) and self.source.merges:
+            raise ValueError("source.merge: only a target can be merged into")
+        return self
 
 
 _FRIENDLY = {
@@ -268,28 +419,50 @@ def spec_items(text: str) -> dict[str, str]:
 
 
 _SPEC_ADAPTER: TypeAdapter[LocalSpec | S3Spec] = TypeAdapter(Source)
+_TARGET_ADAPTER: TypeAdapter[LocalTargetSpec | S3Spec] = TypeAdapter(Target)
+_DASHED = (
+    "oci_mediatypes",
+    "image_manifest",
+    "ignore_error",
+    "compression_level",
+    "force_compression",
+)
 
 
-def parse_spec(text: str, role: str = "cache") -> LocalSpec | S3Spec:
-    """Parse ``type=s3,bucket=...`` the way buildx users write it; errors name ``role.key``."""
+def _items(text: str, role: str) -> dict[str, Any]:
     items: dict[str, Any] = dict(spec_items(text))
-    for alias in ("oci_mediatypes", "image_manifest"):
+    for alias in _DASHED:
         if alias in items:
             items[alias.replace("_", "-")] = items.pop(alias)
     if items["type"] not in ("s3", "local"):
         raise RequestError(f"{role}.type: {items['type']!r} is not supported (s3 or local)")
+    return items
+
+
+def parse_spec(text: str, role: str = "cache") -> LocalSpec | S3Spec:
+    """Parse ``type=s3,bucket=...`` the way buildx users write it; errors name ``role.key``.
+
+    This is the reading side: ``type=local`` is a cache directory to read (``src=``).
+    """
+    items = _items(text, role)
     try:
         return _SPEC_ADAPTER.validate_python(items)
     except ValidationError as exc:
         raise RequestError(error_message(exc, role)) from None
 
 
-def parse_target(text: str) -> S3Spec:
-    """A target must be S3."""
-    spec = parse_spec(text, "target")
-    if not isinstance(spec, S3Spec):
-        raise RequestError("target.type: only type=s3 can be a target")
-    return spec
+def target_from_json(data: dict[str, Any]) -> LocalTargetSpec | S3Spec:
+    """A target as stored with an export's plan (written by us, validated again)."""
+    return _TARGET_ADAPTER.validate_python(data)
+
+
+def parse_target(text: str, role: str = "target") -> LocalTargetSpec | S3Spec:
+    """Parse ``--cache-to`` as buildx writes it: ``type=s3,...`` or ``type=local,dest=DIR``."""
+    items = _items(text, role)
+    try:
+        return _TARGET_ADAPTER.validate_python(items)
+    except ValidationError as exc:
+        raise RequestError(error_message(exc, role)) from None
 
 
 def request_schema() -> dict[str, Any]:

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Directories that type=local sources may be read from (comma-separated).",
     )
+    dest_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories that type=local targets may write to (comma-separated).",
+    )
     allowed_buckets: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Target buckets allowed (comma-separated); empty allows any bucket.",
@@ -71,28 +75,49 @@ class Settings(BaseSettings):
         default=6 * 3600 - 300, ge=5, description="Soft limit per task (s)."
     )
     visibility_timeout: int = Field(
-        default=7 * 3600,
+        default=60,
         ge=5,
-        description="Redis redelivery timeout (s); above the longest task.",
+        description=(
+            "Lease on a fetched message (s). Workers renew the leases of the messages they "
+            "hold every sixth of it; a vanished worker's tasks go to another this long after."
+        ),
     )
     result_expires: int = Field(default=7 * 24 * 3600, description="Results kept in Redis (s).")
     copy_max_retries: int = Field(default=8, ge=0, description="Retries of a transient error.")
     progress_interval: float = Field(
         default=0.5, gt=0, description="Seconds between progress updates of a running step."
     )
-    batch_layers: int = Field(
-        default=1,
-        ge=1,
-        description=(
-            "Small layers (one PUT each) copied by one task. 1 (the default): every layer is "
-            "its own task, seen as such in Flower; more trades that for throughput on caches "
-            "of thousands of tiny layers."
-        ),
-    )
     heartbeat_file: Path | None = Field(
         default=None, description="File the worker touches while alive (liveness probe)."
     )
     log_level: str = Field(default="INFO", description="Worker log level.")
+    prune_schedule: str | None = Field(
+        default=None,
+        description=(
+            "Run prune periodically from Celery beat: a cron expression ('17 3 * * *') or a "
+            "Go duration ('6h'). Empty: never. Run one beat process only."
+        ),
+    )
+    prune_cache: str | None = Field(
+        default=None, description="The cache the scheduled prune collects (type=s3,bucket=...)."
+    )
+    prune_grace: str = Field(default="24h", description="Grace period of scheduled prunes.")
+    prune_expire_names: str | None = Field(
+        default=None, description="Scheduled prunes also delete names older than this."
+    )
+    prune_keep_names: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Names scheduled prunes never expire (globs, commas)."
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port of the worker's Prometheus endpoint (/metrics); unset: no endpoint.",
+    )
+    metrics_address: str = Field(
+        default="0.0.0.0",
+        description="Address the Prometheus endpoint listens on (all interfaces by default).",
+    )
 
     def s3_client(self, spec: S3Spec) -> S3Client:
         """A client for the spec's bucket: its own endpoint and style, else these defaults."""
@@ -109,10 +134,23 @@ class Settings(BaseSettings):
             )
         )
 
-    @field_validator("source_roots", "allowed_buckets", mode="before")
+    @field_validator("source_roots", "dest_roots", "allowed_buckets", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("prune_keep_names", mode="before")
+    @classmethod
+    def _globs(cls, value: object) -> object:
+        # Globs may hold ':' (unlike paths and buckets): commas only.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("prune_schedule", "prune_cache", "prune_expire_names", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
 
 @lru_cache(maxsize=1)

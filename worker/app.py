@@ -1,9 +1,11 @@
 """The Celery application, configured for long, resumable, kill-safe copies.
 
-Choices follow Celery's advice for long tasks: late acks with requeue on worker loss (a
-killed worker's layer runs again elsewhere), prefetch 1 (a worker never hoards layers others
-could copy), a Redis visibility timeout above the longest task (no double delivery of a
-healthy long copy), JSON only (pickle refused), events on (Flower shows every step).
+Late acks with requeue on worker loss (a killed pool process's layer runs again), prefetch 1
+(a worker never hoards layers others could copy), JSON only (pickle refused), events on
+(Flower shows every step). The Redis visibility timeout is a short lease that each worker
+renews for the messages it holds (``worker/leases.py``): a healthy copy of any length is
+never delivered twice, and a vanished worker's messages are back in the queue within about
+a minute.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from tasks.settings import Settings, get_settings
+from worker import metrics as _metrics  # noqa: F401  (its signal handlers serve /metrics)
+from worker.schedule import beat_schedule
 
 # About 17 s of retrying, for publishes and for every command on the result backend.
 PUBLISH_RETRY = {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2}
@@ -26,9 +30,9 @@ def configure(app: Celery, settings: Settings) -> None:
     """Apply the settings; also used by tests that build an app for a throw-away Redis."""
     transport = {
         "visibility_timeout": settings.visibility_timeout,
-        # Look for the unacked messages of dead workers on every sweep (each 10 s), not on
-        # every 10th as recent kombu does by default: a killed worker's copy then runs again
-        # about visibility_timeout after it started, not up to 100 s later.
+        # Look for the lapsed leases of dead workers on every sweep (each 10 s), not on every
+        # 10th as recent kombu does by default: a killed worker's copy then runs again about
+        # visibility_timeout after its last renewal, not up to 100 s later.
         "unacked_restore_throttle": 1,
     }
     app.conf.update(
@@ -67,10 +71,22 @@ def configure(app: Celery, settings: Settings) -> None:
         # chord's callback) waits that long instead of being lost after Celery's 0.6 s.
         task_publish_retry_policy=PUBLISH_RETRY,
         timezone="UTC",
+        beat_schedule=beat_schedule(settings),
     )
 
 
-app = Celery("cacheship", include=["tasks.pipeline", "worker.health", "worker.refusals"])
+app = Celery(
+    "cacheship",
+    include=[
+        "tasks.jobs.export",
+        "tasks.jobs.copy_layer",
+        "tasks.jobs.finalize",
+        "tasks.jobs.prune",
+        "worker.health",
+        "worker.leases",
+        "worker.refusals",
+    ],
+)
 
 
 @app.on_configure.connect

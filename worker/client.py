@@ -19,20 +19,30 @@ from typing import Any
 from celery import Celery, uuid
 from celery.result import AsyncResult
 
-from tasks.request import ExportRequest, parse_request
+from tasks.request import ExportRequest, LocalTargetSpec, parse_request
 from tasks.settings import Settings
-from tasks.state import outcomes_key
+from tasks.state import alive_key, last_seen_key, outcomes_key
 from worker.app import configure
 
 EXPORT_TASK = "cacheship.export"
-READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
-# How long wait() tolerates an export that Redis has no trace of before calling it lost.
-LOST_AFTER = 3.0
+READY = frozenset({"SUCCESS", "FAILURE", "REVOKED", "LOST"})
+# Redis has no trace of the export: it was never submitted there, or Redis lost its data.
+LOST = "LOST"
 
 
 def submitted_key(export_id: str) -> str:
     """Written before the export is enqueued: Redis knows every export it ever accepted."""
     return f"cacheship-submitted-{export_id}"
+
+
+def export_title(request: ExportRequest) -> str:
+    """The export's name in Flower: ``export /srv/caches/app → s3://ci-cache/ app;main``."""
+    source = request.source
+    origin = source.src if hasattr(source, "src") else f"s3://{source.bucket}/{source.prefix}"
+    target = request.target
+    if isinstance(target, LocalTargetSpec):
+        return f"export {origin} → {target.dest}:{target.tag}"
+    return f"export {origin} → s3://{target.bucket}/{target.prefix} {';'.join(target.name)}"
 
 
 class ExportError(RuntimeError):
@@ -52,6 +62,13 @@ class StepStatus:
     status: str = "waiting"
     bytes_done: int = 0
     error: str | None = None
+    worker: str | None = None
+    # Running on a worker that stopped renewing its leases: (hostname, seconds since).
+    lost_worker: tuple[str, float] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state in READY
 
 
 @dataclass
@@ -67,6 +84,8 @@ class Snapshot:
     #: Wall-clock time (epoch seconds) the export was enqueued, when Redis still knows it:
     #: an elapsed time that survives re-attaching (``cacheship status --wait``).
     submitted_at: float | None = None
+    #: What the final task is writing (a step's name, or e.g. "waiting for another merge").
+    current: str = ""
 
     @property
     def bytes_total(self) -> int:
@@ -134,7 +153,10 @@ class Client:
         self._redis().set(
             submitted_key(export_id), f"{time.time():.3f}", ex=self.app.conf.result_expires
         )
-        return str(self.app.send_task(EXPORT_TASK, args=[body], task_id=export_id).id)
+        sent = self.app.send_task(
+            EXPORT_TASK, args=[body], task_id=export_id, shadow=export_title(request)
+        )
+        return str(sent.id)
 
     def _redis(self) -> Any:
         return self.app.backend.client  # type: ignore[attr-defined]
@@ -142,8 +164,8 @@ class Client:
     def lost(self, export_id: str) -> bool:
         """True when Redis has no trace of the export: neither a state nor its submission.
 
-        That happens when Redis lost its data (restarted without persistence) or the
-        records expired; nothing will ever finish such an export.
+        That happens for an unknown id, when Redis lost its data (restarted without
+        persistence) or when the records expired; nothing will ever finish such an export.
         """
         return self._result(export_id).state == "PENDING" and not self._redis().exists(
             submitted_key(export_id)
@@ -183,6 +205,16 @@ class Client:
         if raw_meta is None or raw_meta != seen.raw_meta:
             seen.raw_meta, seen.meta = raw_meta, self._decode(raw_meta)
         state, info = str(seen.meta["status"]), seen.meta.get("result")
+        if state == "PENDING" and submitted is None:
+            return Snapshot(
+                export_id=export_id,
+                state=LOST,
+                error=(
+                    f"Redis has no record of export {export_id}: unknown id, lost when Redis "
+                    "restarted without persistence, or expired; submit it again (layers "
+                    "already stored are skipped)"
+                ),
+            )
         snap = Snapshot(export_id=export_id, state=state, submitted_at=_epoch(submitted))
         meta: dict[str, Any] = info if isinstance(info, dict) else {}
         if state == "FAILURE":
@@ -190,6 +222,7 @@ class Client:
         if state == "SUCCESS":
             snap.result = meta
         snap.phase = str(meta.get("phase", meta.get("status", "")))
+        snap.current = str(meta.get("current") or "")
         if with_steps:
             steps = meta.get("steps", [])
             names = [s["name"] for s in steps]
@@ -205,7 +238,42 @@ class Client:
                 self._step(s, state, meta, layer_metas, seen.outcomes, 0 <= i < position)
                 for i, s in enumerate(steps)
             ]
+            if not snap.ready:
+                self._mark_lost_workers(snap.steps)
         return snap
+
+    def _mark_lost_workers(self, steps: list[StepStatus]) -> None:
+        """Say which running layers sit on a worker that is gone, and since when.
+
+        Workers renew a liveness key with their leases (worker/leases.py); a running layer
+        whose worker has none is waiting for its lease to lapse, after which another worker
+        takes it over.
+        """
+        running = [s for s in steps if s.kind == "layer" and s.worker and not s.ready]
+        hosts = sorted({s.worker for s in running if s.worker})
+        if not hosts:
+            return
+        redis = self._redis()
+        with redis.pipeline(transaction=False) as pipe:
+            for host in hosts:
+                pipe.exists(alive_key(host))
+                pipe.get(last_seen_key(host))
+            replies = pipe.execute()
+        now = time.time()
+        gone = {
+            host: now - float(seen) if seen else 0.0
+            for host, alive, seen in zip(hosts, replies[::2], replies[1::2], strict=True)
+            if not alive
+        }
+        for step in running:
+            if step.worker in gone:
+                since = gone[step.worker]
+                step.lost_worker = (step.worker, since)
+                step.status = "worker lost"
+                step.error = (
+                    f"worker {step.worker} stopped {since:.0f}s ago; another worker takes "
+                    "this layer over once its lease lapses (about a minute), resuming its parts"
+                )
 
     def _layer_metas(
         self, seen: _SeenExport, export_id: str, steps: list[dict[str, Any]]
@@ -268,6 +336,11 @@ class Client:
         layer_meta = layer_metas.get(item.task_id, PENDING_META)
         item.state = str(layer_meta["status"])
         info = layer_meta.get("result")
+        if item.state in ("STARTED", "PROGRESS"):
+            started_on = layer_meta.get("worker") or (
+                info.get("hostname") if isinstance(info, dict) else None
+            )
+            item.worker = str(started_on) if started_on else None
         if item.state == "SUCCESS":
             outcome = outcomes.get(item.digest, {})
             item.bytes_done, item.status = item.size, str(outcome.get("action", "done"))
@@ -295,22 +368,12 @@ class Client:
     ) -> dict[str, Any]:
         """The final result, or ExportError with the worker's message."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        missing_since: float | None = None
         while True:
             snap = self.snapshot(export_id, with_steps=False)
             if snap.state == "SUCCESS":
                 return snap.result or {}
             if snap.state in READY:
                 raise ExportError(snap.error or snap.state)
-            if snap.state == "PENDING" and self.lost(export_id):
-                missing_since = missing_since or time.monotonic()
-                if time.monotonic() - missing_since >= LOST_AFTER:
-                    raise ExportError(
-                        f"export {export_id}: Redis has no record of it (lost when Redis "
-                        "restarted without persistence, or expired); submit it again"
-                    )
-            else:
-                missing_since = None
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"export {export_id} not finished after {timeout}s")
             time.sleep(interval)

@@ -167,6 +167,7 @@ def write_layout(
             }
         ],
     }
-    (directory / "index.json").write_text(json.dumps(index))
+    # BuildKit's client writes it with Go's json.Marshal: no spaces, no newline.
+    (directory / "index.json").write_text(json.dumps(index, separators=(",", ":")))
     (directory / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
     return list(marshalled.layers), manifest_desc, config_desc

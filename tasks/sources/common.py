@@ -26,3 +26,6 @@ class LoadedCache:
 
     config: CacheConfig
     descriptors: Mapping[str, Descriptor]
+    #: The manifest and config blobs read (content layouts only; verify checks their sizes).
+    manifest: Descriptor | None = None
+    config_desc: Descriptor | None = None

@@ -147,7 +147,15 @@ def load(spec: LocalSpec, roots: Sequence[Path]) -> LoadedCache:
         config = decode_config(config_bytes)
     except FormatError as exc:
         raise SourceError(f"{what}: {exc}") from None
-    return LoadedCache(config=config, descriptors={d.digest: d for d in manifest.layers})
+    media_type = entry.get("mediaType")
+    return LoadedCache(
+        config=config,
+        descriptors={d.digest: d for d in manifest.layers},
+        manifest=Descriptor(
+            media_type if isinstance(media_type, str) else "", digest, len(data)
+        ),
+        config_desc=config_desc,
+    )
 
 
 def _read_verified(directory: Path, digest: str, size: int | None, what: str) -> bytes:

@@ -3,7 +3,8 @@
 Rendering and linting use Helm's own Go library (embedded in the helm-python-sdk wheel), so
 templates, values.schema.json and lint rules behave exactly as with the helm CLI. Kubernetes
 objects are checked against the API's JSON schemas shipped by kubernetes-validate (strict:
-unknown fields are errors); KEDA's custom resources against schemas kept next to this file.
+unknown fields are errors); KEDA's and prometheus-operator's custom resources against schemas
+kept next to this file.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ KUBE_VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
 CUSTOM_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): "keda-scaledobject.json",
     ("keda.sh/v1alpha1", "TriggerAuthentication"): "keda-triggerauthentication.json",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "prometheus-servicemonitor.json",
 }
 
 IRSA_ROLE = "arn:aws:iam::123456789012:role/cacheship-workers"
@@ -73,6 +75,16 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "className": "nginx",
                 "tls": [{"hosts": ["flower.example.com"], "secretName": "flower-tls"}],
             }
+        },
+        "prune": {
+            "enabled": True,
+            "cache": "type=s3,bucket=ci-cache,prefix=team/",
+            "expireNames": "720h",
+            "keepNames": ["main", "release/*"],
+        },
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+            "dashboard": {"enabled": True},
         },
         "commonLabels": {"team": "build"},
         "commonAnnotations": {"owner": "platform"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -12,9 +13,11 @@ import helm_python as helm
 import pytest
 
 from tasks.settings import Settings
-from tests.deploy.chart import EXTERNAL_REDIS, IRSA_ROLE, VALUE_SETS, Rendered, render
+from tests.deploy.chart import CHART, EXTERNAL_REDIS, IRSA_ROLE, VALUE_SETS, Rendered, render
+from tests.deploy.chart import labels as labels_of
 
 DEFAULT_TIME_LIMIT = Settings.model_fields["task_time_limit"].default
+DASHBOARD = CHART / "dashboards" / "cacheship.json"
 
 
 def pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -192,7 +195,8 @@ def test_worker_settings_come_through_as_the_settings_class_reads_them(
     assert settings.s3_region == "eu-west-1"
     assert settings.s3_use_path_style is False
     assert settings.task_time_limit == DEFAULT_TIME_LIMIT
-    assert settings.task_soft_time_limit < settings.task_time_limit < settings.visibility_timeout
+    assert settings.task_soft_time_limit < settings.task_time_limit
+    assert 30 <= settings.visibility_timeout <= 120  # leases: a lost pod's work moves on fast
     assert settings.heartbeat_file == Path("/run/cacheship/heartbeat")
 
 
@@ -308,7 +312,7 @@ def test_grace_period_outlasts_the_longest_task(worker: dict[str, Any]) -> None:
     time_limit = int(env["CACHESHIP_TASK_TIME_LIMIT"])
     assert time_limit == DEFAULT_TIME_LIMIT
     assert int(env["CACHESHIP_TASK_SOFT_TIME_LIMIT"]) < time_limit
-    assert int(env["CACHESHIP_VISIBILITY_TIMEOUT"]) > time_limit
+    assert int(env["CACHESHIP_VISIBILITY_TIMEOUT"]) == Settings().visibility_timeout  # the lease
     assert pod_spec(worker)["terminationGracePeriodSeconds"] >= time_limit + 60
 
 
@@ -333,7 +337,7 @@ def test_a_grace_period_shorter_than_tasks_must_be_chosen_deliberately() -> None
     ("worker_values", "message"),
     [
         ({"taskSoftTimeLimit": 21600}, "taskSoftTimeLimit"),
-        ({"visibilityTimeout": 21600}, "visibilityTimeout"),
+        ({"visibilityTimeout": 29}, "visibilityTimeout"),
     ],
 )
 def test_inconsistent_time_limits_are_refused(worker_values: dict[str, int], message: str) -> None:
@@ -451,16 +455,27 @@ def test_in_chart_redis_requires_its_generated_password() -> None:
     worker = container(rendered.one("Deployment", "worker"))
     assert secret_ref(worker, "CACHESHIP_REDIS_URL") == (secret_name, "redis-url")
     assert redis["spec"]["strategy"]["type"] == "Recreate"
-    assert "emptyDir" in volumes(redis)["data"]
 
 
-def test_in_chart_redis_can_persist() -> None:
-    rendered = render(VALUE_SETS["everything"])
+def test_in_chart_redis_keeps_its_data_across_restarts_by_default() -> None:
+    rendered = render(VALUE_SETS["internal-redis"])
     redis = rendered.one("Deployment", "redis")
+    command = container(redis)["command"][-1]
+    assert "--appendonly yes" in command and "--dir /data" in command
+    mounts = {m["name"]: m["mountPath"] for m in container(redis)["volumeMounts"]}
+    assert mounts["data"] == "/data"
     claim = volumes(redis)["data"]["persistentVolumeClaim"]["claimName"]
     assert rendered.named("PersistentVolumeClaim", claim)["spec"]["accessModes"] == [
         "ReadWriteOnce"
     ]
+
+
+def test_in_chart_redis_without_a_volume_keeps_data_across_container_restarts_only() -> None:
+    rendered = render({"redis": {"internal": {"enabled": True, "persistence": {"enabled": False}}}})
+    redis = rendered.one("Deployment", "redis")
+    assert "emptyDir" in volumes(redis)["data"]
+    assert "--appendonly yes" in container(redis)["command"][-1]
+    assert not rendered.of_kind("PersistentVolumeClaim")
 
 
 # NetworkPolicy -------------------------------------------------------------------------------
@@ -476,14 +491,19 @@ def test_network_policies_fence_every_component() -> None:
         p["metadata"]["labels"]["app.kubernetes.io/component"]: p
         for p in rendered.of_kind("NetworkPolicy")
     }
-    assert set(policies) == {"worker", "flower", "redis"}
+    assert set(policies) == {"worker", "flower", "redis", "prune"}
     for component, policy in policies.items():
-        pods = rendered.one("Deployment", component)["spec"]["template"]["metadata"]["labels"]
+        if component == "prune":
+            job = rendered.one("CronJob", "prune")["spec"]["jobTemplate"]["spec"]
+            pods = job["template"]["metadata"]["labels"]
+        else:
+            pods = rendered.one("Deployment", component)["spec"]["template"]["metadata"]["labels"]
         assert policy["spec"]["podSelector"]["matchLabels"].items() <= pods.items()
         assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
 
     worker = policies["worker"]["spec"]
-    assert worker["ingress"] == []
+    # The metrics port is the only way in, from anywhere unless metricsIngressFrom says.
+    assert worker["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
     egress_ports = {(p["port"], p["protocol"]) for rule in worker["egress"] for p in rule["ports"]}
     assert egress_ports == {(53, "UDP"), (53, "TCP"), (6379, "TCP"), (443, "TCP"), (9000, "TCP")}
 
@@ -494,9 +514,139 @@ def test_network_policies_fence_every_component() -> None:
         for p in allowed
         if "podSelector" in p
     }
-    assert components == {"worker", "flower"}
+    assert components == {"worker", "flower", "prune"}
     # KEDA's operator reads the queue length from another namespace.
     assert {
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "keda"}}
     } in allowed
     assert redis["egress"] == []
+
+
+# The periodic prune ----------------------------------------------------------------------------
+
+
+def test_no_prune_job_by_default(defaults: Rendered) -> None:
+    assert not defaults.of_kind("CronJob")
+
+
+def test_the_prune_job_runs_the_command_line_against_the_workers() -> None:
+    from tasks.prune import parse_prune_request
+    from worker.cli.prune import build_request
+
+    rendered = render(VALUE_SETS["everything"])
+    cron = rendered.one("CronJob", "prune")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cron["spec"]["schedule"] == "17 3 * * *"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (job,) = pod["containers"]
+    assert job["securityContext"]["readOnlyRootFilesystem"] is True
+    args = job["args"]
+    assert args[0] == "prune" and "--wait" in args
+    # The arguments are what the command line accepts, and mean what the values say.
+    options = dict(a[2:].split("=", 1) for a in args if "=" in a)
+    request = parse_prune_request(
+        build_request(options["cache"], options["grace"], options.get("expire-names"),
+                      tuple(a.split("=", 1)[1] for a in args if a.startswith("--keep-names=")),
+                      "--dry-run" in args)
+    )
+    assert request.cache.bucket == "ci-cache" and request.cache.prefix == "team/"
+    assert request.expire_names == 720 * 3600 and request.keep_names == ["main", "release/*"]
+    env = env_of(job)
+    assert set(env) == {"CACHESHIP_REDIS_URL", "CACHESHIP_QUEUE"}  # no S3 credentials
+    assert "secretKeyRef" in env["CACHESHIP_REDIS_URL"]
+
+
+@pytest.mark.parametrize(
+    ("prune", "message"),
+    [
+        ({"enabled": True}, "prune.cache"),
+        ({"enabled": True, "cache": "type=s3,bucket=elsewhere"}, "outside s3.allowedBuckets"),
+    ],
+)
+def test_a_prune_job_without_a_usable_cache_is_refused(prune: dict[str, Any], message: str) -> None:
+    with pytest.raises(Exception, match=message):
+        render({"prune": prune, "s3": {"allowedBuckets": ["ci-cache"]}})
+
+
+# Metrics ---------------------------------------------------------------------------------
+
+
+def test_workers_serve_metrics_where_prometheus_looks(
+    defaults: Rendered, worker: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = container(worker)
+    (port,) = [p for p in c["ports"] if p["name"] == "metrics"]
+    monkeypatch.setenv("CACHESHIP_METRICS_PORT", env_of(c)["CACHESHIP_METRICS_PORT"])
+    assert Settings().metrics_port == port["containerPort"]
+    service = defaults.one("Service", "worker-metrics")
+    assert service["spec"]["clusterIP"] == "None"  # every worker pod is its own target
+    pods = worker["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pods.items()
+    flower_pods = defaults.one("Deployment", "flower")["spec"]["template"]["metadata"]["labels"]
+    assert not service["spec"]["selector"].items() <= flower_pods.items()
+    annotations = service["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert int(annotations["prometheus.io/port"]) == port["containerPort"]
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["port"] == port["containerPort"]
+    assert service_port["targetPort"] == "metrics"
+
+
+def test_metrics_port_follows_the_value() -> None:
+    rendered = render({"metrics": {"port": 9100, "service": {"annotations": {"team": "ci"}}}})
+    c = container(rendered.one("Deployment", "worker"))
+    assert c["ports"][0]["containerPort"] == 9100
+    assert env_of(c)["CACHESHIP_METRICS_PORT"] == "9100"
+    annotations = rendered.one("Service", "worker-metrics")["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "9100"
+    assert annotations["team"] == "ci"
+
+
+def test_metrics_can_be_switched_off() -> None:
+    rendered = render({"metrics": {"enabled": False}, "networkPolicy": {"enabled": True}})
+    c = container(rendered.one("Deployment", "worker"))
+    assert "ports" not in c
+    assert "CACHESHIP_METRICS_PORT" not in env_of(c)
+    assert not rendered.find("Service", "worker-metrics")
+    assert rendered.one("NetworkPolicy", "worker")["spec"]["ingress"] == []
+
+
+def test_service_monitor_is_optional_and_scrapes_the_metrics_service(defaults: Rendered) -> None:
+    assert not defaults.of_kind("ServiceMonitor")
+    rendered = render(VALUE_SETS["everything"])
+    monitor = rendered.one("ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    matching = [
+        s
+        for s in rendered.of_kind("Service")
+        if monitor["spec"]["selector"]["matchLabels"].items() <= labels_of(s).items()
+    ]
+    assert [s["metadata"]["name"] for s in matching] == ["ship-cacheship-worker-metrics"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in matching[0]["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+
+
+def test_service_monitor_without_metrics_is_refused() -> None:
+    values = {"metrics": {"enabled": False, "serviceMonitor": {"enabled": True}}}
+    with pytest.raises(helm.HelmError, match=r"metrics\.serviceMonitor\.enabled needs"):
+        render(values)
+
+
+def test_dashboard_ships_for_grafana_sidecars_when_asked(defaults: Rendered) -> None:
+    assert not defaults.of_kind("ConfigMap")
+    rendered = render({"metrics": {"dashboard": {"enabled": True}}})
+    configmap = rendered.one("ConfigMap", "dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(configmap["data"]["cacheship.json"])
+    assert shipped == json.loads(DASHBOARD.read_text())
+
+
+def test_only_the_named_peers_may_scrape_when_given() -> None:
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    rendered = render({"networkPolicy": {"enabled": True, "metricsIngressFrom": peers}})
+    (rule,) = rendered.one("NetworkPolicy", "worker")["spec"]["ingress"]
+    assert rule == {"ports": [{"port": "metrics", "protocol": "TCP"}], "from": peers}

@@ -178,9 +178,28 @@ def test_keda_schema_rejects_mistakes(mistake: str) -> None:
         validate(scaled)
 
 
-def test_keda_schemas_cover_the_keda_kinds_rendered() -> None:
+def test_custom_schemas_cover_the_custom_kinds_rendered() -> None:
     kinds = {(o["apiVersion"], o["kind"]) for o in render(VALUE_SETS["everything"]).objects}
-    assert {k for k in kinds if k[0].startswith("keda.sh/")} == set(CUSTOM_SCHEMAS)
+    custom = {k for k in kinds if k[0].startswith(("keda.sh/", "monitoring.coreos.com/"))}
+    assert custom == set(CUSTOM_SCHEMAS)
+
+
+SERVICE_MONITOR_MISTAKES: dict[str, Callable[[dict[str, Any]], object]] = {
+    "no selector": lambda sm: sm["spec"].pop("selector"),
+    "interval without a unit": lambda sm: sm["spec"]["endpoints"][0].update(interval="30"),
+    "port and targetPort": lambda sm: sm["spec"]["endpoints"][0].update(targetPort=9808),
+    "a misspelt field": lambda sm: sm["spec"]["endpoints"][0].update(scrapeTimout="10s"),
+    "a numeric port name": lambda sm: sm["spec"]["endpoints"][0].update(port=9808),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(SERVICE_MONITOR_MISTAKES))
+def test_service_monitor_schema_rejects_mistakes(mistake: str) -> None:
+    monitor = copy.deepcopy(render(VALUE_SETS["everything"]).one("ServiceMonitor"))
+    validate(monitor)
+    SERVICE_MONITOR_MISTAKES[mistake](monitor)
+    with pytest.raises(jsonschema.ValidationError):
+        validate(monitor)
 
 
 def test_values_schema_refuses_what_the_worker_settings_refuse() -> None:
@@ -214,6 +233,9 @@ def test_values_schema_refuses_what_the_worker_settings_refuse() -> None:
         {"flower": {"auth": {"username": "a:b"}}},
         {"worker": {"heartbeat": {"dir": "relative/dir"}}},
         {"wokrer": {}},  # a misspelt section
+        {"metrics": {"port": 0}},
+        {"metrics": {"serviceMonitor": {"interval": "30"}}},
+        {"metrics": {"serviceMonitor": {"enable": True}}},
     ],
     ids=lambda v: repr(v),
 )

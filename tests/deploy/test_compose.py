@@ -165,6 +165,15 @@ def test_worker_command_and_settings(
     assert env["AWS_SECRET_ACCESS_KEY"] == dotenv["MINIO_ROOT_PASSWORD"]
 
 
+def test_worker_serves_metrics_on_the_compose_network_only(
+    model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    worker = services(model)["worker"]
+    monkeypatch.setenv("CACHESHIP_METRICS_PORT", worker["environment"]["CACHESHIP_METRICS_PORT"])
+    assert [str(Settings().metrics_port)] == [str(p) for p in worker["expose"]]
+    assert "ports" not in worker
+
+
 def test_worker_reads_sources_at_the_path_the_host_names(model: dict[str, Any]) -> None:
     worker = services(model)["worker"]
     roots = worker["environment"]["CACHESHIP_SOURCE_ROOTS"]
@@ -188,7 +197,7 @@ def test_worker_stop_grace_outlasts_its_tasks(model: dict[str, Any]) -> None:
     worker = services(model)["worker"]
     time_limit = int(worker["environment"]["CACHESHIP_TASK_TIME_LIMIT"])
     soft_limit = int(worker["environment"]["CACHESHIP_TASK_SOFT_TIME_LIMIT"])
-    assert soft_limit < time_limit < Settings.model_fields["visibility_timeout"].default
+    assert soft_limit < time_limit
     assert seconds(worker["stop_grace_period"]) >= time_limit + 60
     assert worker["init"] is True  # SIGTERM reaches Celery through a real init
 
@@ -249,3 +258,31 @@ def test_host_cli_reaches_the_published_redis(
     assert url.password == dotenv["REDIS_PASSWORD"]
     redis_ports = published(services(model)["redis"])
     assert (url.hostname, str(url.port), "6379") in redis_ports
+
+
+# The periodic prune ----------------------------------------------------------------------------
+
+
+def test_the_prune_scheduler_is_off_unless_its_profile_is_chosen(
+    model: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.schedule import PRUNE_ENTRY, beat_schedule
+
+    scheduler = services(model)["scheduler"]
+    assert scheduler["profiles"] == ["prune"]
+    assert "deploy" not in scheduler and "ports" not in scheduler
+    for name, service in services(model).items():
+        if name != "scheduler":
+            assert "beat" not in (service.get("command") or []), name
+    process = compose.service_process("scheduler")
+    assert process.argv[:4] == ["celery", "-A", "worker", "beat"]
+    for name in list(os.environ):
+        if name.startswith("CACHESHIP_"):
+            monkeypatch.delenv(name)
+    for name, value in process.environment.items():
+        assert name[len("CACHESHIP_") :].lower() in Settings.model_fields, name
+        monkeypatch.setenv(name, value)
+    entry = beat_schedule(Settings())[PRUNE_ENTRY]
+    (request,) = entry["args"]
+    assert request["cache"]["bucket"] == compose.read_env_file()["CACHESHIP_BUCKET"]
+    assert request["grace"] == 24 * 3600 and request["expire_names"] is None

@@ -55,7 +55,7 @@ def test_quick_benchmark_prints_the_table_and_writes_every_scenario(tmp_path: Pa
     assert results["server"] == "moto"
     assert {"cpus", "cpu_model", "memory_gib", "python"} <= set(results["machine"])
     rows = results["rows"]
-    assert [row["scenario"][0] for row in rows] == ["1", "2", "3", "4", "5", "6", "7"]
+    assert [row["scenario"][0] for row in rows] == ["1", "2", "3", "4", "5", "6", "7", "8"]
     for row in rows:
         assert set(row) == ROW_KEYS
         assert row["scenario"] in run.stdout
@@ -70,5 +70,7 @@ def test_quick_benchmark_prints_the_table_and_writes_every_scenario(tmp_path: Pa
     memory = rows[3]
     assert memory["unit"] == "MiB"
     assert memory["detail"]["hwm_max"] > 0
+    pruned = rows[6]
+    assert pruned["detail"]["report"]["blobs_removed"] == 270
     # Nothing is left behind: the scratch directory is removed.
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]

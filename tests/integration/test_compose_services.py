@@ -98,8 +98,12 @@ def test_compose_worker_and_flower_start_and_export(
         "minio:9000": f"127.0.0.1:{s3_for_compose.port}",
     }
     environ = {"CACHESHIP_SOURCES_DIR": str(sources)}
+    metrics_port = free_port()  # the compose file's 9808 may be taken on this host
     worker = service_process("worker", environ=environ).pointed_at(
-        addresses, CACHESHIP_HEARTBEAT_FILE=str(heartbeat)
+        addresses,
+        CACHESHIP_HEARTBEAT_FILE=str(heartbeat),
+        CACHESHIP_METRICS_PORT=str(metrics_port),
+        CACHESHIP_METRICS_ADDRESS="127.0.0.1",
     )
     flower = service_process("flower", environ=environ).pointed_at(addresses)
     flower_port = free_port()
@@ -125,6 +129,12 @@ def test_compose_worker_and_flower_start_and_export(
         stored = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
         assert {f"blobs/{d.digest}" for d in cache.layers} <= stored
         assert "manifests/main" in stored
+
+        # Prometheus's view: the worker's /metrics counted the layers it uploaded.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+            metrics = response.read().decode()
+        uploaded = 'cacheship_layers_total{action="uploaded"}'
+        assert f"{uploaded} {float(len(cache.layers))}" in metrics
 
         # The liveness probe's contract: the worker keeps its heartbeat file fresh.
         assert heartbeat.exists()

@@ -195,10 +195,11 @@ def test_bad_values_get_one_clear_line(text: str, message: str) -> None:
     assert "Traceback" not in text_of_error
 
 
-def test_a_target_must_be_s3() -> None:
-    with pytest.raises(RequestError, match="only type=s3 can be a target"):
+def test_a_local_target_is_written_with_dest_not_src() -> None:
+    with pytest.raises(RequestError, match=r"target\.dest: required"):
         parse_target("type=local,src=/c")
-    assert parse_target("type=s3,bucket=cache-bucket").bucket == "cache-bucket"
+    spec = parse_target("type=s3,bucket=cache-bucket")
+    assert isinstance(spec, S3Spec) and spec.bucket == "cache-bucket"
 
 
 def test_control_characters_are_refused_in_names() -> None:

@@ -16,6 +16,7 @@ from worker.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, redact
 from worker.cli.config import config
 from worker.cli.demo import demo_command
 from worker.cli.export import export_command
+from worker.cli.prune import prune_command
 from worker.cli.schema import schema_command
 from worker.cli.status import status_command
 from worker.cli.verify import verify_command
@@ -78,6 +79,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     cacheship export --from SRC --to DST [--wait]
     cacheship status ID [--wait]        where an export stands
     cacheship verify --cache SPEC       check an exported cache as BuildKit reads it
+    cacheship prune --cache SPEC        delete what no name references [--dry-run]
     cacheship schema                    the JSON schema of an export request
     """
     ctx.ensure_object(dict)
@@ -91,6 +93,7 @@ for command in (
     worker_command,
     demo_command,
     verify_command,
+    prune_command,
     schema_command,
     config,
 ):

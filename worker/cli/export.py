@@ -10,7 +10,15 @@ from typing import IO
 import click
 from rich.console import Console
 
-from tasks.request import ExportRequest, LocalSpec, RequestError, S3Spec, parse_request
+from tasks.request import (
+    ExportRequest,
+    LocalSpec,
+    LocalTargetSpec,
+    RequestError,
+    S3Spec,
+    parse_request,
+    parse_target,
+)
 from worker.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -31,6 +39,13 @@ def _absolute(spec: LocalSpec | S3Spec) -> LocalSpec | S3Spec:
     """A relative ``src`` means the current directory here, not the worker's."""
     if isinstance(spec, LocalSpec) and not os.path.isabs(spec.src):
         return spec.model_copy(update={"src": os.path.abspath(spec.src)})
+    return spec
+
+
+def _absolute_dest(spec: LocalTargetSpec | S3Spec) -> LocalTargetSpec | S3Spec:
+    """A relative ``dest`` too."""
+    if isinstance(spec, LocalTargetSpec) and not os.path.isabs(spec.dest):
+        return spec.model_copy(update={"dest": os.path.abspath(spec.dest)})
     return spec
 
 
@@ -72,14 +87,17 @@ def build_request(source: str | None, target: str | None, request: IO[str] | Non
         given = parsed.source.src if isinstance(parsed.source, LocalSpec) else ""
         absolute = _absolute(parsed.source)
         check_local_source(absolute, given, "--request")
-        return parsed.model_copy(update={"source": absolute})
+        return parsed.model_copy(
+            update={"source": absolute, "target": _absolute_dest(parsed.target)}
+        )
     if not source or not target:
         fail("give --from SRC and --to DST (or --request FILE)", EXIT_USAGE)
     parsed_src = parse_option_spec(source, "--from", "source")
     src = _absolute(parsed_src)
-    dst = parse_option_spec(target, "--to", "target")
-    if not isinstance(dst, S3Spec):
-        fail("--to: target.type: only type=s3 can be a target", EXIT_USAGE)
+    try:
+        dst = _absolute_dest(parse_target(target))
+    except RequestError as exc:
+        fail(f"--to: {exc}", EXIT_USAGE)
     check_local_source(
         src, parsed_src.src if isinstance(parsed_src, LocalSpec) else "", "--from"
     )
@@ -145,7 +163,8 @@ def follow(client: Client, export_id: str, as_json: bool, started: float) -> Non
     "--to",
     "target",
     metavar="DST",
-    help="Where to write it: type=s3,bucket=B[,region=R,name=N,prefix=P,...] (buildx's form).",
+    help="Where to write it: type=s3,bucket=B[,region=R,name=N,prefix=P,...] or "
+    "type=local,dest=DIR[,tag=T] (buildx's form).",
 )
 @click.option(
     "--request",

@@ -24,10 +24,12 @@ STATE_WORDS = {
 
 
 def failed(snap: Snapshot) -> bool:
-    return snap.state in ("FAILURE", "REVOKED")
+    return snap.state in ("FAILURE", "REVOKED", "LOST")
 
 
 def error_line(snap: Snapshot) -> str:
+    if snap.state == "LOST":
+        return snap.error or f"Redis has no record of export {snap.export_id}"
     return f"export {snap.export_id} failed: {snap.error or snap.state.lower()}"
 
 
@@ -58,6 +60,8 @@ def step_json(step: StepStatus) -> dict[str, Any]:
         "status": step.status,
         "bytes_done": step.bytes_done,
         "error": step.error,
+        "worker": step.worker,
+        "worker_lost_seconds": round(step.lost_worker[1], 1) if step.lost_worker else None,
     }
 
 
@@ -112,9 +116,35 @@ def summary_lines(result: dict[str, Any], elapsed: float | None = None) -> list[
     if result.get("config"):
         lines.append(f"  config    {result['config']}")
     bucket = result.get("bucket", "")
+    merged = {m.get("key"): m for m in result.get("merged", []) if isinstance(m, dict)}
     for key in result.get("names", []):
-        lines.append(f"  name      s3://{bucket}/{key}")
+        where = f"s3://{bucket}/{key}" if bucket else key
+        lines.append(f"  name      {where}" + _merge_note(merged.get(key)))
     return lines
+
+
+def _merge_note(merge: dict[str, Any] | None) -> str:
+    """`` (merged: 4 stored + 2 new records -> 5, ...)`` for a name written with merge=true."""
+    if not merge:
+        return ""
+    note = (
+        f" (merged: {merge.get('records_existing', 0)} stored + {merge.get('records_new', 0)} "
+        f"new records -> {merge.get('records_after', 0)}"
+    )
+    dropped = [
+        f"{merge[field]} {what}"
+        for field, what in (
+            ("results_missing", "results with layers gone"),
+            ("results_expired", "expired"),
+            ("results_over_limit", "over max_records"),
+        )
+        if merge.get(field)
+    ]
+    if dropped:
+        note += "; dropped " + ", ".join(dropped)
+    if merge.get("replaced_invalid"):
+        note += "; replaced an invalid config"
+    return note + ")"
 
 
 def status_lines(snap: Snapshot) -> list[str]:

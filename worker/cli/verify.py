@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from tasks.request import S3Spec
-from tasks.verify import BlobCheck, VerifyReport, cache_from_line, verify_cache
+from tasks.request import LocalSpec, S3Spec
+from tasks.verify import (
+    BlobCheck,
+    VerifyReport,
+    cache_from_line,
+    verify_cache,
+    verify_local_cache,
+)
 from worker.cli.common import EXIT_FAILED, EXIT_USAGE, fail, human_bytes, parse_option_spec
 from worker.cli.report import dumps
 
@@ -28,7 +37,9 @@ def report_lines(report: VerifyReport) -> list[str]:
     """What was checked, each line marked ok or not, then the problems."""
     lines = []
     for named in report.names:
-        where = f"s3://{report.bucket}/{named.key}"
+        where = f"{named.key} ({named.name})" if report.directory else (
+            f"s3://{report.bucket}/{named.key}"
+        )
         if named.found:
             lines.append(
                 f"  config   {where}: {named.layers} layers, {named.records} records "
@@ -55,23 +66,34 @@ def report_lines(report: VerifyReport) -> list[str]:
     "cache",
     required=True,
     metavar="SPEC",
-    help="The cache: type=s3,bucket=B[,name=N,prefix=P,endpoint_url=URL,...].",
+    help="The cache: type=s3,bucket=B[,name=N,prefix=P,endpoint_url=URL,...] or "
+    "type=local,src=DIR[,tag=T].",
 )
 @click.option("--deep", is_flag=True, help="Also read every blob back and check its sha256.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def verify_command(cache: str, deep: bool, as_json: bool) -> None:
-    """Check an exported cache as BuildKit's S3 importer reads it; exit 0 only when sound.
+    """Check an exported cache as BuildKit's importer reads it; exit 0 only when sound.
 
-    Reads the config under every name (BuildKit reads the first), checks that it parses,
-    that every layer has its diffID and that every layer blob exists with its size;
-    --deep also checks every blob's sha256. The endpoint comes from the spec or
-    CACHESHIP_S3_ENDPOINT_URL, credentials from AWS's usual chain.
+    S3: reads the config under every name (BuildKit reads the first), checks that it
+    parses, that every layer has its diffID and that every layer blob exists with its
+    size. The endpoint comes from the spec or CACHESHIP_S3_ENDPOINT_URL, credentials from
+    AWS's usual chain. Local: reads index.json, the manifest under the tag and the config
+    (each checked against its digest), parses the records and checks every layer blob.
+    --deep also checks every blob's sha256.
     """
     spec = parse_option_spec(cache, "--cache", "cache")
-    if not isinstance(spec, S3Spec):
-        fail("--cache: only type=s3 caches can be verified", EXIT_USAGE)
-    client = s3_client(spec)
+    if isinstance(spec, LocalSpec):
+        directory = Path(os.path.abspath(spec.src))
+        if not directory.is_dir():
+            fail(f"--cache: cache.src: {directory} is not a directory", EXIT_USAGE)
+        spec = spec.model_copy(update={"src": str(directory)})
     err = Console(stderr=True, highlight=False)
+
+    def run(on_blob: Callable[[BlobCheck], None] | None) -> VerifyReport:
+        if isinstance(spec, LocalSpec):
+            return verify_local_cache(Path(spec.src), spec, deep=deep, on_blob=on_blob)
+        return verify_cache(s3_client(spec), spec, deep=deep, on_blob=on_blob)
+
     if deep and err.is_terminal and not as_json:
         with Progress(
             TextColumn("reading blobs back"),
@@ -86,13 +108,16 @@ def verify_command(cache: str, deep: bool, as_json: bool) -> None:
             def advance(blob: BlobCheck) -> None:
                 progress.advance(bar, blob.size)
 
-            report = verify_cache(client, spec, deep=deep, on_blob=advance)
+            report = run(advance)
     else:
-        report = verify_cache(client, spec, deep=deep)
+        report = run(None)
     if as_json:
         click.echo(dumps(report.to_json()))
     else:
-        click.echo(f"cache s3://{spec.bucket}/{spec.manifest_key(spec.name[0])}")
+        if isinstance(spec, LocalSpec):
+            click.echo(f"cache {spec.src}")
+        else:
+            click.echo(f"cache s3://{spec.bucket}/{spec.manifest_key(spec.name[0])}")
         for line in report_lines(report):
             click.echo(line)
         if report.sound:

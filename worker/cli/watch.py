@@ -29,6 +29,7 @@ from worker.client import Snapshot, StepStatus
 
 ACTIONS = frozenset({"uploaded", "skipped", "touched"})
 RUNNING = frozenset({"STARTED", "PROGRESS", "RECEIVED"})
+FAILED = frozenset({"FAILURE", "REVOKED", "LOST"})
 QUEUED_HINT_AFTER = 15.0
 PLAIN_PROGRESS_EVERY = 10.0
 #: Seconds of history behind a speed: long enough to smooth small layers finishing in
@@ -78,7 +79,7 @@ class StepView:
 
     @property
     def failed(self) -> bool:
-        return self.state in ("FAILURE", "REVOKED")
+        return self.state in FAILED
 
     @property
     def running(self) -> bool:
@@ -114,8 +115,8 @@ class StepView:
         if self.running:
             if self.kind != "layer":
                 return "writing"
-            if self.status == "completing":
-                return "completing upload"
+            if self.status in ("completing", "worker lost"):
+                return "completing upload" if self.status == "completing" else self.status
             stalled = now is not None and self.bytes_done and now - self.moved >= STALLED_AFTER
             return "waiting on S3" if stalled else "copying"
         return "queued"
@@ -205,7 +206,7 @@ class Tracker:
                 if not view.done and not view.failed:
                     view.state, view.bytes_done = "SUCCESS", view.size
                     events.extend(self._finish(view, now, "done"))
-        elif snap.state in ("FAILURE", "REVOKED"):
+        elif snap.state in FAILED:
             # A failed finalize stops at the document it was writing.
             for view in self.steps.values():
                 if view.kind != "layer" and view.running:
@@ -311,7 +312,7 @@ class Tracker:
             return "connecting"
         if snap.state == "SUCCESS":
             return "complete"
-        if snap.state in ("FAILURE", "REVOKED"):
+        if snap.state in FAILED:
             return "failed"
         if not self.steps:
             return "queued" if snap.state == "PENDING" else "reading"
@@ -335,7 +336,10 @@ class Tracker:
         if phase == "writing":
             documents = (v for v in self.steps.values() if v.kind != "layer" and v.running)
             current = next(documents, None)
-            return f"writing {current.name.split(' sha256:')[0][8:]}" if current else "writing"
+            if current is not None:
+                return f"writing {current.name.split(' sha256:')[0][8:]}"
+            doing = self.snapshot.current if self.snapshot is not None else ""
+            return f"writing: {doing}" if doing else "writing"
         return phase
 
     def queued_too_long(self, now: float | None = None) -> bool:
@@ -459,6 +463,7 @@ _STYLES = {
     "touched": "cyan",
     "retrying": "yellow",
     "waiting on S3": "yellow",
+    "worker lost": "red",
 }
 
 

@@ -1,0 +1,268 @@
+"""Writing cache names: plain overwrite (BuildKit's way) or merge on write (``merge=true``).
+
+A merge reads what the name holds, merges the new export into it
+(:mod:`tasks.cacheformat.merge`) and writes the result back. Two finalizes merging into one
+name at the same moment must not lose either export, so every merge is guarded twice:
+
+- a lease per (endpoint, bucket, key) in Redis, shared by the whole fleet, held around
+  read-merge-write (renewed while held, lapsing seconds after its holder dies): the only
+  guard on stores that ignore or refuse conditional writes;
+- a conditional PUT (``If-Match`` on the ETag read, ``If-None-Match: *`` when the name did
+  not exist): the store itself refuses the write if anything changed the name since it was
+  read (another fleet sharing the bucket, a lock that expired, BuildKit itself).
+
+A lost race (412 Precondition Failed, or 409 ConditionalRequestConflict) merges again from
+the new contents. A store answering the conditional header with 501 NotImplemented (or
+400 naming the header) gets an unconditional PUT under the lock. A writer that takes no
+lock and sends no condition (BuildKit's own exporter) can still overwrite a name between
+our read and our write only on stores without conditional writes; after our write it can
+overwrite it at any time, as it always could (docs/merge.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from botocore.exceptions import ClientError
+
+from tasks.cacheformat import Descriptor, FormatError, GoTime, decode_config
+from tasks.cacheformat.merge import (
+    DEFAULT_MAX_RECORDS,
+    MergeCounts,
+    MergeLimits,
+    merge_configs,
+    read_stored,
+    stored_blobs,
+)
+from tasks.flight import single_flight
+from tasks.ingester import stat
+from tasks.request import S3Spec
+from tasks.s3client import error_code, is_not_found
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+
+class LockingRedis(Protocol):
+    """What redis-py's ``Lock`` needs of a client (``redis.Redis`` satisfies it)."""
+
+    def register_script(self, script: str) -> Any: ...
+
+
+class NameWriteError(Exception):
+    """A name could not be written; the message names it."""
+
+
+class InvalidStoredConfigError(NameWriteError):
+    """The name holds something that is not a cache config BuildKit could read."""
+
+
+class NameBusyError(NameWriteError):
+    """The lock or the store kept refusing: the name is left as the last writer left it."""
+
+
+class PutOutcome(Enum):
+    WRITTEN = "written"
+    LOST_RACE = "lost race"  # the name changed since it was read
+    UNSUPPORTED = "unsupported"  # the store refuses conditional writes
+
+
+@dataclass(frozen=True)
+class NameWrite:
+    """What happened to one name."""
+
+    name: str
+    key: str
+    merged: bool
+    counts: MergeCounts | None = None
+    conditional: bool = False  # whether the store checked the condition
+    attempts: int = 1
+    replaced_invalid: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "key": self.key, "merged": self.merged}
+        if self.merged:
+            out.update(
+                conditional=self.conditional,
+                attempts=self.attempts,
+                replaced_invalid=self.replaced_invalid,
+            )
+            if self.counts is not None:
+                out.update(self.counts.to_json())
+        return out
+
+
+def lock_name(client: S3Client, target: S3Spec, name: str) -> str:
+    """One lock per store, bucket and key ((bucket, prefix, name) on one endpoint)."""
+    where = f"{client.meta.endpoint_url}\0{target.bucket}\0{target.manifest_key(name)}"
+    return f"cacheship-name-{hashlib.sha256(where.encode()).hexdigest()[:32]}"
+
+
+def read_name(client: S3Client, bucket: str, key: str) -> tuple[bytes, str] | None:
+    """The name's bytes and ETag, or None when it does not exist."""
+    try:
+        answer = client.get_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if is_not_found(exc):
+            return None
+        raise
+    return answer["Body"].read(), answer["ETag"]
+
+
+def put_if_unchanged(
+    client: S3Client, bucket: str, key: str, body: bytes, etag: str | None
+) -> PutOutcome:
+    """PUT only if the key still has ``etag`` (None: only if it still does not exist)."""
+    try:
+        if etag is None:
+            client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+        else:
+            client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=etag)
+    except ClientError as exc:
+        code = error_code(exc)
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+            return PutOutcome.LOST_RACE
+        if etag is not None and is_not_found(exc):
+            return PutOutcome.LOST_RACE  # AWS: If-Match on a name deleted since it was read
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        message = str(exc.response.get("Error", {}).get("Message", ""))
+        if code in ("NotImplemented", "501") or (
+            status == 400 and ("If-Match" in message or "If-None-Match" in message)
+        ):
+            return PutOutcome.UNSUPPORTED
+        raise
+    return PutOutcome.WRITTEN
+
+
+def missing_blobs(
+    client: S3Client,
+    target: S3Spec,
+    layers: Sequence[Descriptor],
+    head_forbidden: Literal["upload", "fail"] = "upload",
+) -> set[str]:
+    """Stored layers that are gone from the bucket, or there with another size (HEADs)."""
+
+    def gone(layer: Descriptor) -> bool:
+        info = stat(client, target.bucket, target.blob_key(layer.digest), head_forbidden)
+        return info is None or info.size != layer.size
+
+    if not layers:
+        return set()
+    with ThreadPoolExecutor(max_workers=min(16, len(layers))) as pool:
+        flags = list(pool.map(gone, layers))
+    return {layer.digest for layer, flag in zip(layers, flags, strict=True) if flag}
+
+
+def now_go() -> GoTime:
+    """The wall clock as a Go time (what ``max_age`` counts back from)."""
+    ns = time.time_ns()
+    return GoTime(ns // 1_000_000_000, ns % 1_000_000_000)
+
+
+def write_name(
+    client: S3Client,
+    redis: LockingRedis,
+    target: S3Spec,
+    name: str,
+    s3_config: bytes,
+    *,
+    now: GoTime | None = None,
+    head_forbidden: Literal["upload", "fail"] = "upload",
+    conditional: bool = True,
+    max_attempts: int = 10,
+    on_wait: Callable[[], None] = lambda: None,
+) -> NameWrite:
+    """Merge ``s3_config`` (the new export, S3 form) into the name, safely under concurrency.
+
+    The lock is the fleet's lease (:func:`tasks.flight.single_flight`): renewed while held,
+    lapsing seconds after a holder dies. ``conditional=False`` never sends conditions (for
+    stores known to mishandle them). Raises InvalidStoredConfigError (the name is left as
+    it was unless the target says ``merge=replace-invalid``) and NameBusyError.
+    """
+    key = target.manifest_key(name)
+    new = decode_config(s3_config)
+    limits = MergeLimits(target.max_records or DEFAULT_MAX_RECORDS, target.max_age)
+    for attempt in range(1, max_attempts + 1):
+        with single_flight(redis, lock_name(client, target, name), on_wait=on_wait):
+            stored = read_name(client, target.bucket, key)
+            existing, replaced = None, False
+            if stored is not None:
+                try:
+                    existing = read_stored(stored[0])
+                except FormatError as exc:
+                    if target.merge != "replace-invalid":
+                        raise InvalidStoredConfigError(
+                            f"name {name!r} ({key}) holds no valid cache config ({exc}); it "
+                            "was left as it was (merge=replace-invalid overwrites it)"
+                        ) from None
+                    replaced = True
+            gone = set()
+            if existing is not None:
+                gone = missing_blobs(client, target, stored_blobs(existing, new), head_forbidden)
+            merged = merge_configs(existing, new, now=now or now_go(), limits=limits, missing=gone)
+            outcome = PutOutcome.UNSUPPORTED
+            if conditional:
+                etag = None if stored is None else stored[1]
+                outcome = put_if_unchanged(client, target.bucket, key, merged.s3_config, etag)
+            if outcome is PutOutcome.LOST_RACE:
+                log.info("name %s changed while it was merged; merging again", key)
+                continue
+            if outcome is PutOutcome.UNSUPPORTED:
+                client.put_object(Bucket=target.bucket, Key=key, Body=merged.s3_config)
+            checked = outcome is PutOutcome.WRITTEN
+            return NameWrite(name, key, True, merged.counts, checked, attempt, replaced)
+    raise NameBusyError(
+        f"name {name!r} ({key}) changed under every one of {max_attempts} merges; "
+        "it was not written"
+    )
+
+
+def write_names(
+    client: S3Client,
+    redis: LockingRedis | None,
+    target: S3Spec,
+    s3_config: bytes,
+    on_name: Callable[[NameWrite], None] = lambda write: None,
+    **merge_options: Any,
+) -> list[NameWrite]:
+    """Write every name of the target: overwrite, or merge when the target says ``merge``.
+
+    ``merge_options`` go to :func:`write_name` (``head_forbidden``, ``conditional``...).
+    """
+    writes = []
+    for name in target.name:
+        if target.merges:
+            if redis is None:
+                raise ValueError("merging names needs a Redis client for the name locks")
+            write = write_name(client, redis, target, name, s3_config, **merge_options)
+        else:
+            # BuildKit's way: the last writer wins.
+            key = target.manifest_key(name)
+            client.put_object(Bucket=target.bucket, Key=key, Body=s3_config)
+            write = NameWrite(name, key, False)
+        on_name(write)
+        writes.append(write)
+    return writes
+
+
+__all__ = [
+    "InvalidStoredConfigError",
+    "LockingRedis",
+    "NameBusyError",
+    "NameWrite",
+    "NameWriteError",
+    "PutOutcome",
+    "put_if_unchanged",
+    "read_name",
+    "write_name",
+    "write_names",
+]
