@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ class Sizes:
     memory_layer: int
     scale: tuple[int, ...]
     scale_layer: int
+    cli: tuple[int, int] = (600, 64 * KiB)
     smoke: bool = False
     # Scenario 7: blobs in the bucket and names (three layers each) referencing some.
     prune: tuple[int, int] = (100_000, 1_000)
@@ -68,6 +71,7 @@ class Sizes:
             memory_layer=24 * MiB,
             scale=(5, 10, 20),
             scale_layer=4 * KiB,
+            cli=(30, 4 * KiB),
             smoke=True,
             prune=(300, 10),
         )
@@ -490,6 +494,98 @@ def prune(ctx: Context) -> list[Row]:
     from bench.prune import prune as run_prune
 
     return run_prune(ctx)
+def _cli_export(ctx: Context, cache: BenchCache, terminal: bool) -> tuple[float, float, int]:
+    """``cacheship export --wait`` of ``cache`` as a user runs it; (CPU s, wall s, screens).
+
+    On a terminal (a pseudo-terminal read through a VT100 emulator, 50 × 160) or with its
+    progress going to a pipe (the plain lines CI logs get). CPU is the CLI process's own
+    (``wait4``), interpreter start-up included.
+    """
+    from tests.stack import REPO
+    from tests.terminal import run_in_terminal
+
+    prefix = new_prefix("cli")
+    argv = [
+        sys.executable,
+        "-m",
+        "worker.cli",
+        "export",
+        "--from",
+        f"type=local,src={cache.path}",
+        "--to",
+        f"type=s3,bucket={ctx.ours},prefix={prefix},"
+        f"upload_parallelism={ctx.upload_parallelism}",
+        "--wait",
+    ]
+    env = {**ctx.cacheship.env(), "PYTHONPATH": str(REPO)}
+    try:
+        if terminal:
+            run = run_in_terminal(argv, env, rows=50, cols=160, timeout=3600)
+            if run.exit_code != 0:
+                raise RuntimeError(f"export on a terminal failed:\n{run.final.text()}")
+            return run.cpu_seconds, run.wall_seconds, len(run.screens)
+        started = time.perf_counter()
+        with tempfile.TemporaryFile() as log:
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=log)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                log.seek(0)
+                raise RuntimeError(f"plain export failed: {log.read().decode()[-2000:]}")
+        return usage.ru_utime + usage.ru_stime, time.perf_counter() - started, 0
+    finally:
+        drop_prefix(ctx.s3, ctx.ours, prefix)
+
+
+def terminal_view(ctx: Context) -> list[Row]:
+    """Scenario 8: what following an export costs the command line, on a terminal and off.
+
+    Reported, not a target: the live view's CPU should stay a few milliseconds per layer
+    whatever the number of layers (it draws a fixed-size screen from counters).
+    """
+    count, size = ctx.sizes.cli
+    cache = ctx.cache("cli", [size] * count)
+    tty_cpu: list[float] = []
+    plain_cpu: list[float] = []
+    tty_wall: list[float] = []
+    plain_wall: list[float] = []
+    screens: list[int] = []
+    for i in range(ctx.sizes.runs):
+        for terminal in (True, False) if i % 2 == 0 else (False, True):
+            cpu, wall, shots = _cli_export(ctx, cache, terminal)
+            (tty_cpu if terminal else plain_cpu).append(cpu)
+            (tty_wall if terminal else plain_wall).append(wall)
+            if terminal:
+                screens.append(shots)
+        ctx.log(
+            f"  cli run {i + 1}: terminal {tty_cpu[-1]:.2f}s CPU / {tty_wall[-1]:.1f}s, "
+            f"plain {plain_cpu[-1]:.2f}s CPU / {plain_wall[-1]:.1f}s"
+        )
+    ours, theirs = _median(tty_cpu), _median(plain_cpu)
+    return [
+        Row(
+            scenario=f"8 CLI CPU following {count} layers on a terminal (vs plain lines)",
+            unit="CPU s",
+            cacheship=round(ours, 3),
+            baseline=round(theirs, 3),
+            ratio=_ratio(ours, theirs),
+            target="report only",
+            passed=None,
+            notes=(
+                f"{size // KiB} KiB layers; terminal {ours / count * 1000:.2f} ms CPU per layer "
+                f"over {_median(tty_wall):.1f}s, plain {theirs / count * 1000:.2f} ms per layer "
+                f"over {_median(plain_wall):.1f}s; interpreter start-up included"
+            ),
+            detail={
+                "terminal_cpu_s": tty_cpu,
+                "plain_cpu_s": plain_cpu,
+                "terminal_wall_s": tty_wall,
+                "plain_wall_s": plain_wall,
+                "screens_read": screens,
+                "layers": count,
+            },
+        )
+    ]
 
 
 SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
@@ -499,4 +595,5 @@ SCENARIOS: dict[str, Callable[[Context], list[Row]]] = {
     "scale": scale,
     "normalize": normalize,
     "prune": prune,
+    "cli": terminal_view,
 }

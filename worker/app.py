@@ -84,6 +84,7 @@ app = Celery(
         "tasks.jobs.prune",
         "worker.health",
         "worker.leases",
+        "worker.refusals",
     ],
 )
 

@@ -10,6 +10,7 @@ result = client.wait(export_id)
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from celery.result import AsyncResult
 
 from tasks.request import ExportRequest, LocalTargetSpec, parse_request
 from tasks.settings import Settings
-from tasks.state import alive_key, last_seen_key, load_outcomes
+from tasks.state import alive_key, last_seen_key, outcomes_key
 from worker.app import configure
 
 EXPORT_TASK = "cacheship.export"
@@ -80,6 +81,11 @@ class Snapshot:
     steps: list[StepStatus] = field(default_factory=list)
     result: dict[str, Any] | None = None
     error: str | None = None
+    #: Wall-clock time (epoch seconds) the export was enqueued, when Redis still knows it:
+    #: an elapsed time that survives re-attaching (``cacheship status --wait``).
+    submitted_at: float | None = None
+    #: What the final task is writing (a step's name, or e.g. "waiting for another merge").
+    current: str = ""
 
     @property
     def bytes_total(self) -> int:
@@ -102,12 +108,41 @@ def _error_text(value: Any) -> str:
     return text
 
 
+PENDING_META: dict[str, Any] = {"status": "PENDING", "result": None}
+# Snapshot caches kept per Client: a build farm may follow a few exports at once.
+_CACHED_EXPORTS = 8
+
+
+@dataclass
+class _SeenExport:
+    """What a Client already read about one export and will not read again.
+
+    A finished layer task's state never changes, and neither does its recorded outcome; the
+    export's own metadata changes only a few times (copying, verifying, writing). Keeping
+    them makes a poll cost one round trip for the export and one MGET for the layers still
+    running, whatever the number of layers.
+    """
+
+    raw_meta: bytes | None = None
+    meta: dict[str, Any] = field(default_factory=lambda: dict(PENDING_META))
+    settled: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _epoch(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None  # an export submitted before submission times were recorded
+
+
 class Client:
     """Talks to the workers through Redis only: the broker and the result backend."""
 
     def __init__(self, redis_url: str, queue: str = "cacheship") -> None:
         self.app = Celery("cacheship-client")
         configure(self.app, Settings(redis_url=redis_url, queue=queue))
+        self._exports: dict[str, _SeenExport] = {}
 
     def submit(self, request: ExportRequest | dict[str, Any] | str) -> str:
         """Validate here (fail fast, before anything is enqueued), then enqueue; returns the id."""
@@ -115,7 +150,9 @@ class Client:
             request = parse_request(request)
         body = request.model_dump(mode="json", by_alias=True)
         export_id = uuid()
-        self._redis().set(submitted_key(export_id), "1", ex=self.app.conf.result_expires)
+        self._redis().set(
+            submitted_key(export_id), f"{time.time():.3f}", ex=self.app.conf.result_expires
+        )
         sent = self.app.send_task(
             EXPORT_TASK, args=[body], task_id=export_id, shadow=export_title(request)
         )
@@ -137,11 +174,38 @@ class Client:
     def _result(self, task_id: str) -> AsyncResult[Any]:
         return AsyncResult(task_id, app=self.app)
 
+    def _seen(self, export_id: str) -> _SeenExport:
+        seen = self._exports.pop(export_id, None) or _SeenExport()
+        self._exports[export_id] = seen  # most recent last
+        while len(self._exports) > _CACHED_EXPORTS:
+            del self._exports[next(iter(self._exports))]
+        return seen
+
+    def _decode(self, raw: bytes | None) -> dict[str, Any]:
+        if not raw:
+            return dict(PENDING_META)
+        backend: Any = self.app.backend
+        meta: dict[str, Any] = backend.decode_result(raw)
+        return meta
+
     def snapshot(self, export_id: str, with_steps: bool = True) -> Snapshot:
-        """Read the export's metadata and, when asked, every step's."""
-        res = self._result(export_id)
-        state, info = res.state, res.info
-        if state == "PENDING" and not self._redis().exists(submitted_key(export_id)):
+        """Read the export's metadata and, when asked, every step's.
+
+        Two round trips at most (the export with its submission time; the layers still
+        running, in one MGET), a third only when layers finished since the last call (their
+        outcomes, in one HMGET): the cost of a poll does not grow with finished layers.
+        """
+        backend: Any = self.app.backend
+        redis = self._redis()
+        seen = self._seen(export_id)
+        with redis.pipeline(transaction=False) as pipe:
+            pipe.get(backend.get_key_for_task(export_id))
+            pipe.get(submitted_key(export_id))
+            raw_meta, submitted = pipe.execute()
+        if raw_meta is None or raw_meta != seen.raw_meta:
+            seen.raw_meta, seen.meta = raw_meta, self._decode(raw_meta)
+        state, info = str(seen.meta["status"]), seen.meta.get("result")
+        if state == "PENDING" and submitted is None:
             return Snapshot(
                 export_id=export_id,
                 state=LOST,
@@ -151,13 +215,14 @@ class Client:
                     "already stored are skipped)"
                 ),
             )
-        snap = Snapshot(export_id=export_id, state=state)
+        snap = Snapshot(export_id=export_id, state=state, submitted_at=_epoch(submitted))
         meta: dict[str, Any] = info if isinstance(info, dict) else {}
         if state == "FAILURE":
             snap.error = _error_text(info)
         if state == "SUCCESS":
             snap.result = meta
         snap.phase = str(meta.get("phase", meta.get("status", "")))
+        snap.current = str(meta.get("current") or "")
         if with_steps:
             steps = meta.get("steps", [])
             names = [s["name"] for s in steps]
@@ -168,9 +233,9 @@ class Client:
                 if current in names
                 else (len(names) if current == "writing names" else -1)
             )
-            outcomes = self._outcomes(export_id) if steps else {}
+            layer_metas = self._layer_metas(seen, export_id, steps)
             snap.steps = [
-                self._step(s, state, meta, outcomes, 0 <= i < position)
+                self._step(s, state, meta, layer_metas, seen.outcomes, 0 <= i < position)
                 for i, s in enumerate(steps)
             ]
             if not snap.ready:
@@ -210,20 +275,48 @@ class Client:
                     "this layer over once its lease lapses (about a minute), resuming its parts"
                 )
 
-    def _outcomes(self, export_id: str) -> dict[str, dict[str, Any]]:
-        """What happened to each finished layer (uploaded, skipped, touched)."""
+    def _layer_metas(
+        self, seen: _SeenExport, export_id: str, steps: list[dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        """Every layer task's metadata: settled ones from memory, the rest in one MGET."""
+        backend: Any = self.app.backend
+        layers = [s for s in steps if s["kind"] == "layer"]
+        unsettled = [s["task_id"] for s in layers if s["task_id"] not in seen.settled]
+        metas = dict(seen.settled)
+        if unsettled:
+            raws = self._redis().mget([backend.get_key_for_task(tid) for tid in unsettled])
+            for tid, raw in zip(unsettled, raws, strict=True):
+                metas[tid] = self._decode(raw)
+                if metas[tid]["status"] in READY:
+                    seen.settled[tid] = metas[tid]
+        missing = [
+            s["digest"]
+            for s in layers
+            if metas[s["task_id"]]["status"] == "SUCCESS" and s["digest"] not in seen.outcomes
+        ]
+        if missing:
+            seen.outcomes.update(self._outcomes(export_id, missing))
+        return metas
+
+    def _outcomes(self, export_id: str, digests: list[str]) -> dict[str, dict[str, Any]]:
+        """What happened to these finished layers (uploaded, skipped, touched)."""
         try:
-            backend: Any = self.app.backend
-            return load_outcomes(backend.client, export_id)
+            raws = self._redis().hmget(outcomes_key(export_id), digests)
         except Exception:
             return {}
+        found: dict[str, dict[str, Any]] = {}
+        for digest, raw in zip(digests, raws, strict=True):
+            if raw is not None:
+                found[digest] = json.loads(raw)
+        return found
 
     def _step(
         self,
         step: dict[str, Any],
         export_state: str,
         export_meta: dict[str, Any],
-        outcomes: dict[str, dict[str, Any]] | None = None,
+        layer_metas: dict[str, dict[str, Any]],
+        outcomes: dict[str, dict[str, Any]],
         passed: bool = False,
     ) -> StepStatus:
         item = StepStatus(
@@ -240,18 +333,19 @@ class Client:
             item.status = "done" if done else ("writing" if current else "waiting")
             item.bytes_done = item.size if done else 0
             return item
-        backend: Any = self.app.backend
-        meta = backend.get_task_meta(item.task_id)  # one read: state, result and worker
-        item.state = str(meta.get("status", "PENDING"))
-        info = meta.get("result")
+        layer_meta = layer_metas.get(item.task_id, PENDING_META)
+        item.state = str(layer_meta["status"])
+        info = layer_meta.get("result")
         if item.state in ("STARTED", "PROGRESS"):
-            started_on = meta.get("worker") or (
+            started_on = layer_meta.get("worker") or (
                 info.get("hostname") if isinstance(info, dict) else None
             )
             item.worker = str(started_on) if started_on else None
         if item.state == "SUCCESS":
-            outcome = (outcomes or {}).get(item.digest, {})
+            outcome = outcomes.get(item.digest, {})
             item.bytes_done, item.status = item.size, str(outcome.get("action", "done"))
+        elif item.state == "STARTED":
+            item.status = "copying"  # a worker took it (a small layer publishes nothing else)
         elif isinstance(info, dict):
             item.bytes_done = int(info.get("bytes_done", 0))
             item.status = str(info.get("status", item.status))

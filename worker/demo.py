@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import select
+import shlex
 import shutil
 import signal
 import socket
@@ -86,11 +88,37 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
 
     def close(self) -> None:
-        for child in reversed(self.children):
-            child.stop()
-        for server in reversed(self.servers):
-            server.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        """Stop everything; a second Ctrl-C or signal meanwhile waits until it is done."""
+        with _signals_held():
+            for child in reversed(self.children):
+                child.stop()
+            for server in reversed(self.servers):
+                server.stop()
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+_ENDINGS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Delay Ctrl-C, SIGTERM and SIGHUP (they arrive once this block is left)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ENDINGS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def output_gone() -> bool:
+    """True once nobody reads what the demo prints: the pipe's reader closed it, or the
+    terminal hung up. An idle ``--keep`` demo writes nothing, so it has to look."""
+    poller = select.poll()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            poller.register(stream.fileno(), 0)  # errors and hang-ups are always reported
+    gone = select.POLLERR | select.POLLHUP | select.POLLNVAL
+    return any(events & gone for _, events in poller.poll(0))
 
 
 def _spawn(name: str, argv: list[str], env: dict[str, str], root: Path) -> Child:
@@ -163,17 +191,34 @@ def s3_client(url: str) -> Any:
 
 
 def write_env_file(stack: Stack, password: str) -> Path:
-    """``source`` it to point cacheship and boto3 at the running demo (kept private: 0600)."""
+    """``source`` it to use the running demo from another shell (kept private: 0600).
+
+    It puts this installation's ``cacheship`` on PATH, points it and boto3 at the demo's
+    servers, and sets the directory local caches may be read from, so that the command line
+    checks a ``type=local`` source as the worker will.
+    """
     path = stack.root / "env"
     names = [
         "CACHESHIP_REDIS_URL",
         "CACHESHIP_S3_ENDPOINT_URL",
         "CACHESHIP_S3_REGION",
         "CACHESHIP_S3_USE_PATH_STYLE",
+        "CACHESHIP_SOURCE_ROOTS",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
+        "AWS_DEFAULT_REGION",
     ]
-    lines = [f"export {name}='{stack.env[name]}'" for name in names]
+    bin_dir = Path(sys.executable).parent
+    lines = [
+        "# cacheship demo: `. THIS-FILE`, then e.g. `cacheship status ID`",
+        f"export PATH={shlex.quote(str(bin_dir))}:\"$PATH\"",
+        *(f"export {name}={shlex.quote(stack.env[name])}" for name in names),
+        "# Local caches (--from type=local,src=DIR) are read only under CACHESHIP_SOURCE_ROOTS:",
+        f"#   docker buildx build --cache-to type=local,dest={stack.env['CACHESHIP_SOURCE_ROOTS']}"
+        "/myapp .",
+        f"#   cacheship export --from type=local,src={stack.env['CACHESHIP_SOURCE_ROOTS']}/myapp "
+        f"--to type=s3,bucket={BUCKET},name=myapp --wait",
+    ]
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -374,19 +419,41 @@ def run_demo(
                 seconds=time.monotonic() - began,
             )
             if keep:
+                sources = stack.env["CACHESHIP_SOURCE_ROOTS"]
                 say("")
                 say("the stack keeps running; Ctrl-C stops it. To use it from another shell:")
                 say(f"  . {env_file} && cacheship status {export_id}")
+                say(f"  local caches are read under {sources} (CACHESHIP_SOURCE_ROOTS), e.g.")
+                say(
+                    f"  cacheship export --from type=local,src={cache.path} "
+                    f"--to type=s3,bucket={BUCKET},name=again --wait"
+                )
                 _wait_for_interrupt(stack)
             return outcome
         finally:
-            say("stopping the demo stack")
+            # The terminal may be gone (SIGHUP) or the pipe broken: saying so must not keep
+            # the stack from stopping.
+            with contextlib.suppress(OSError):
+                say("stopping the demo stack")
             stack.close()
 
 
+def detach_output() -> None:
+    """Send what is still printed (and flushed at exit) nowhere instead of failing on it."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
 def _wait_for_interrupt(stack: Stack) -> None:
+    """Until Ctrl-C (or SIGTERM, SIGHUP), a stopped child, or nobody reading any more."""
     try:
         while all(child.alive() for child in stack.children):
+            if output_gone():
+                detach_output()
+                return
             time.sleep(0.5)
         dead = [c for c in stack.children if not c.alive()]
         raise DemoError(f"{dead[0].name} stopped:\n{dead[0].log_tail()}")

@@ -55,7 +55,7 @@ def test_quick_benchmark_prints_the_table_and_writes_every_scenario(tmp_path: Pa
     assert results["server"] == "moto"
     assert {"cpus", "cpu_model", "memory_gib", "python"} <= set(results["machine"])
     rows = results["rows"]
-    assert [row["scenario"][0] for row in rows] == ["1", "2", "3", "4", "5", "6", "7"]
+    assert [row["scenario"][0] for row in rows] == ["1", "2", "3", "4", "5", "6", "7", "8"]
     for row in rows:
         assert set(row) == ROW_KEYS
         assert row["scenario"] in run.stdout

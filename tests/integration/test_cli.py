@@ -137,7 +137,7 @@ def test_export_wait_json_status_and_verify(
 
     status = cli("status", export_id, env=env)
     assert status.returncode == 0, status.stderr
-    assert status.stdout.startswith(f"export {export_id}: SUCCESS (finished)")
+    assert status.stdout.startswith(f"export {export_id}: SUCCESS (finished in ")
     for layer in cache.layers:
         assert f"writing layer {layer.digest}" in status.stdout
     assert status.stdout.count("SUCCESS uploaded") == 3

@@ -286,10 +286,91 @@ def test_relative_local_source_is_made_absolute(
 ) -> None:
     fake.append(FakeClient(running_then_done()))
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "index.json").write_text("{}")
     result = run("export", "--from", "type=local,src=cache", "--to", TO)
-    assert result.exit_code == 0
+    assert result.exit_code == 0, result.output
     source = fake[-1].submitted[0].source
     assert getattr(source, "src", None) == str(tmp_path / "cache")
+
+
+# --- local sources checked at enqueue time -------------------------------------------------
+
+
+@pytest.fixture
+def no_roots(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CACHESHIP_SOURCE_ROOTS", raising=False)
+
+
+def test_a_relative_source_that_is_not_here_is_refused(
+    fake: list[FakeClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_roots: None
+) -> None:
+    fake.append(FakeClient(running_then_done()))
+    monkeypatch.chdir(tmp_path)
+    result = run("export", "--from", "type=local,src=nope", "--to", TO)
+    assert result.exit_code == 2
+    missing = tmp_path / "nope"
+    assert lines(result.output) == [f"error: --from: source.src: {missing} does not exist"]
+    assert fake[-1].submitted == []
+
+
+def test_a_directory_that_is_not_a_cache_says_how_buildkit_writes_one(
+    fake: list[FakeClient], tmp_path: Path, no_roots: None
+) -> None:
+    fake.append(FakeClient(running_then_done()))
+    (tmp_path / "blobs").mkdir()
+    result = run("export", "--from", f"type=local,src={tmp_path}", "--to", TO)
+    assert result.exit_code == 2
+    [line] = lines(result.output)
+    assert line.startswith(f"error: --from: source.src: {tmp_path} is not a BuildKit cache: ")
+    assert "no index.json" in line
+    assert f"--cache-to type=local,dest={tmp_path}" in line
+    assert fake[-1].submitted == []
+
+
+def test_outside_the_source_roots_names_the_setting_and_the_roots(
+    fake: list[FakeClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake.append(FakeClient(running_then_done()))
+    allowed = [tmp_path / "a", tmp_path / "b"]
+    for root in allowed:
+        root.mkdir()
+    monkeypatch.setenv("CACHESHIP_SOURCE_ROOTS", ",".join(map(str, allowed)))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "index.json").write_text("{}")
+    result = run("export", "--from", f"type=local,src={elsewhere}", "--to", TO)
+    assert result.exit_code == 2
+    assert lines(result.output) == [
+        f"error: --from: source.src: {elsewhere} is outside CACHESHIP_SOURCE_ROOTS "
+        f"({allowed[0]}, {allowed[1]}): local caches are only read under these directories"
+    ]
+    missing = allowed[1] / "app"
+    result = run("export", "--from", f"type=local,src={missing}", "--to", TO)
+    assert result.exit_code == 2
+    assert lines(result.output) == [f"error: --from: source.src: {missing} does not exist"]
+    # a --request file is checked the same way
+    source = {"type": "local", "src": str(elsewhere)}
+    body = json.dumps({"source": source, "target": {"type": "s3", "bucket": "b-1"}})
+    result = run("export", "--request", "-", stdin=body)
+    assert result.exit_code == 2
+    assert "error: --request: source.src: " in result.output
+    assert "is outside CACHESHIP_SOURCE_ROOTS" in result.output
+    assert fake[-1].submitted == []
+    # under a root and a cache: enqueued
+    (allowed[1] / "app").mkdir()
+    (allowed[1] / "app" / "index.json").write_text("{}")
+    assert run("export", "--from", f"type=local,src={missing}", "--to", TO).exit_code == 0
+    assert len(fake[-1].submitted) == 1
+
+
+def test_an_absolute_source_not_on_this_host_is_left_to_the_workers(
+    fake: list[FakeClient], no_roots: None
+) -> None:
+    fake.append(FakeClient(running_then_done()))
+    result = run("export", "--from", "type=local,src=/srv/on-the-workers/app", "--to", TO)
+    assert result.exit_code == 0, result.output
+    assert len(fake[-1].submitted) == 1
 
 
 def test_export_request_from_stdin(fake: list[FakeClient]) -> None:

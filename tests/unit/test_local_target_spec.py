@@ -85,6 +85,8 @@ def test_the_cli_takes_a_relative_dest_from_the_current_directory(
     from worker.cli.export import build_request
 
     monkeypatch.chdir(str(tmp_path))
-    request = build_request("type=local,src=cache", "type=local,dest=node,tag=ci", None)
+    request = build_request(
+        "type=s3,bucket=builds,region=us-east-1,name=main", "type=local,dest=node,tag=ci", None
+    )
     assert isinstance(request.target, LocalTargetSpec)
     assert request.target.dest == f"{tmp_path}/node" and request.target.tag == "ci"

@@ -19,7 +19,7 @@ def demo_command(keep: bool) -> None:
     progress, verify it, and show how docker buildx would import it. Cleans up after itself.
     """
     from worker.cli.watch import watch
-    from worker.demo import DemoError, run_demo
+    from worker.demo import DemoError, detach_output, run_demo
 
     err = Console(stderr=True, highlight=False)
 
@@ -30,3 +30,7 @@ def demo_command(keep: bool) -> None:
         run_demo(say=click.echo, follow=follow, keep=keep)
     except DemoError as exc:
         fail(f"demo: {exc}", EXIT_FAILED)
+    except BrokenPipeError:
+        # Nobody reads any more (``cacheship demo | head``): the stack is already stopped.
+        detach_output()
+        raise SystemExit(EXIT_FAILED) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import IO
 
 import click
@@ -36,6 +37,7 @@ from worker.cli.report import (
     failure_json,
     ignored_error_line,
     summary_lines,
+    took,
 )
 from worker.cli.watch import watch
 from worker.client import Client, Snapshot
@@ -55,6 +57,32 @@ def _absolute_dest(spec: LocalTargetSpec | S3Spec) -> LocalTargetSpec | S3Spec:
     return spec
 
 
+def check_local_source(spec: LocalSpec | S3Spec, given: str, option: str) -> None:
+    """Refuse at enqueue time what the workers would refuse, when this host can tell.
+
+    With ``CACHESHIP_SOURCE_ROOTS`` set here (the demo's env file and the compose ``.env``
+    set it: the CLI runs where the workers' paths mean the same), the directory must lie
+    under those roots and be a BuildKit cache. Without it, the workers may see another
+    filesystem: only a directory that exists here (or a relative ``src``, which was resolved
+    here) is checked to be a cache; anything else is left to the workers, whose error names
+    the setting.
+    """
+    if not isinstance(spec, LocalSpec):
+        return
+    from tasks.settings import Settings
+    from tasks.sources import local
+    from tasks.sources.common import SourceError
+
+    roots = Settings().source_roots
+    try:
+        if roots:
+            local.resolve_source_dir(spec.src, roots)
+        elif not os.path.isabs(given) or os.path.exists(spec.src):
+            local.check_layout(Path(spec.src))
+    except SourceError as exc:
+        fail(f"{option}: {exc}", EXIT_USAGE)
+
+
 def build_request(source: str | None, target: str | None, request: IO[str] | None) -> ExportRequest:
     """The request from ``--from``/``--to`` or from ``--request``; errors exit with 2."""
     if request is not None:
@@ -64,16 +92,23 @@ def build_request(source: str | None, target: str | None, request: IO[str] | Non
             parsed = parse_request(request.read())
         except RequestError as exc:
             fail(f"--request: {exc}", EXIT_USAGE)
+        given = parsed.source.src if isinstance(parsed.source, LocalSpec) else ""
+        absolute = _absolute(parsed.source)
+        check_local_source(absolute, given, "--request")
         return parsed.model_copy(
-            update={"source": _absolute(parsed.source), "target": _absolute_dest(parsed.target)}
+            update={"source": absolute, "target": _absolute_dest(parsed.target)}
         )
     if not source or not target:
         fail("give --from SRC and --to DST (or --request FILE)", EXIT_USAGE)
-    src = _absolute(parse_option_spec(source, "--from", "source"))
+    parsed_src = parse_option_spec(source, "--from", "source")
+    src = _absolute(parsed_src)
     try:
         dst = _absolute_dest(parse_target(target))
     except RequestError as exc:
         fail(f"--to: {exc}", EXIT_USAGE)
+    check_local_source(
+        src, parsed_src.src if isinstance(parsed_src, LocalSpec) else "", "--from"
+    )
     try:
         return parse_request(
             {
@@ -127,7 +162,7 @@ def follow(
     if as_json:
         click.echo(dumps(result))
     else:
-        for line in summary_lines(result, time.monotonic() - started):
+        for line in summary_lines(result, took(snap, time.monotonic() - started)):
             click.echo(line)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from datetime import datetime
 from typing import Any
 
 from worker.cli.common import human_bytes
@@ -33,6 +36,22 @@ def error_line(snap: Snapshot) -> str:
 def ignored_error_line(snap: Snapshot) -> str:
     """A failure the target's ``ignore-error=true`` turns into a warning (as buildx does)."""
     return f"warning: {error_line(snap)} (ignored: the target has ignore-error=true)"
+
+
+def took(snap: Snapshot, fallback: float | None = None) -> float | None:
+    """Seconds from enqueue to completion (or to now), the same whoever watches and when.
+
+    ``fallback`` (seconds this process watched) is used only when Redis no longer has the
+    submission time.
+    """
+    if snap.submitted_at is None:
+        return fallback
+    end = time.time()
+    completed = (snap.result or {}).get("completed_at")
+    if isinstance(completed, str):
+        with contextlib.suppress(ValueError):
+            end = datetime.fromisoformat(completed.replace("Z", "+00:00")).timestamp()
+    return max(end - snap.submitted_at, 0.0)
 
 
 def step_json(step: StepStatus) -> dict[str, Any]:
@@ -139,6 +158,9 @@ def status_lines(snap: Snapshot) -> list[str]:
     head = f"export {snap.export_id}: {snap.state} ({word}"
     if snap.phase and snap.state not in ("SUCCESS", "FAILURE"):
         head += f", {snap.phase}"
+    seconds = took(snap)
+    if seconds is not None and snap.state != "FAILURE":
+        head += f" in {seconds:.1f}s" if snap.ready else f" for {seconds:.0f}s"
     head += ")"
     lines = [head]
     if snap.bytes_total and not snap.ready:
