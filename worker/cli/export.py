@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import time
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import click
-from rich.console import Console
 
-from tasks.request import ExportRequest, LocalSpec, RequestError, S3Spec, parse_request
 from worker.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -22,12 +20,20 @@ from worker.cli.common import (
     resolve_redis_url,
 )
 from worker.cli.report import dumps, error_line, failed, failure_json, summary_lines
-from worker.cli.watch import watch
-from worker.client import Client, Snapshot
+from worker.client import Client
+
+if TYPE_CHECKING:
+    from tasks.request import ExportRequest, LocalSpec, S3Spec
+    from worker.client import Snapshot
+
+# Rich, the request models and the watch view are imported where they are used: without
+# --wait the command needs the models and redis-py only, and returns within a quarter second.
 
 
 def _absolute(spec: LocalSpec | S3Spec) -> LocalSpec | S3Spec:
     """A relative ``src`` means the current directory here, not the worker's."""
+    from tasks.request import LocalSpec
+
     if isinstance(spec, LocalSpec) and not os.path.isabs(spec.src):
         return spec.model_copy(update={"src": os.path.abspath(spec.src)})
     return spec
@@ -35,6 +41,8 @@ def _absolute(spec: LocalSpec | S3Spec) -> LocalSpec | S3Spec:
 
 def build_request(source: str | None, target: str | None, request: IO[str] | None) -> ExportRequest:
     """The request from ``--from``/``--to`` or from ``--request``; errors exit with 2."""
+    from tasks.request import RequestError, S3Spec, parse_request
+
     if request is not None:
         if source or target:
             fail("give --request, or --from and --to, not both", EXIT_USAGE)
@@ -73,6 +81,10 @@ def follow(client: Client, export_id: str, as_json: bool, started: float) -> Non
     Exits non-zero on failure. Ctrl-C from the moment the export is enqueued only stops the
     watching, and says how to pick it up again.
     """
+    from rich.console import Console
+
+    from worker.cli.watch import watch
+
     err = Console(stderr=True, highlight=False)
     try:
         if not as_json:

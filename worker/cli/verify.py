@@ -5,16 +5,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from tasks.request import S3Spec
-from tasks.verify import BlobCheck, VerifyReport, cache_from_line, verify_cache
 from worker.cli.common import EXIT_FAILED, EXIT_USAGE, fail, human_bytes, parse_option_spec
 from worker.cli.report import dumps
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+    from tasks.request import S3Spec
+    from tasks.verify import BlobCheck, VerifyReport
+
+# boto3, rich and the checks are imported when the command runs (``cacheship --help`` lists
+# this command without them).
 
 
 def s3_client(spec: S3Spec) -> S3Client:
@@ -67,6 +69,12 @@ def verify_command(cache: str, deep: bool, as_json: bool) -> None:
     --deep also checks every blob's sha256. The endpoint comes from the spec or
     CACHESHIP_S3_ENDPOINT_URL, credentials from AWS's usual chain.
     """
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from tasks.request import S3Spec
+    from tasks.verify import cache_from_line, verify_cache
+
     spec = parse_option_spec(cache, "--cache", "cache")
     if not isinstance(spec, S3Spec):
         fail("--cache: only type=s3 caches can be verified", EXIT_USAGE)
