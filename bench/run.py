@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra worker setting, e.g. CACHESHIP_BATCH_LAYERS=32 (repeatable)",
+        help="extra worker setting, e.g. CACHESHIP_PROGRESS_INTERVAL=1 (repeatable)",
     )
     return parser.parse_args(argv)
 

@@ -71,23 +71,17 @@ class Settings(BaseSettings):
         default=6 * 3600 - 300, ge=5, description="Soft limit per task (s)."
     )
     visibility_timeout: int = Field(
-        default=7 * 3600,
+        default=60,
         ge=5,
-        description="Redis redelivery timeout (s); above the longest task.",
+        description=(
+            "Lease on a fetched message (s). Workers renew the leases of the messages they "
+            "hold every sixth of it; a vanished worker's tasks go to another this long after."
+        ),
     )
     result_expires: int = Field(default=7 * 24 * 3600, description="Results kept in Redis (s).")
     copy_max_retries: int = Field(default=8, ge=0, description="Retries of a transient error.")
     progress_interval: float = Field(
         default=0.5, gt=0, description="Seconds between progress updates of a running step."
-    )
-    batch_layers: int = Field(
-        default=1,
-        ge=1,
-        description=(
-            "Small layers (one PUT each) copied by one task. 1 (the default): every layer is "
-            "its own task, seen as such in Flower; more trades that for throughput on caches "
-            "of thousands of tiny layers."
-        ),
     )
     heartbeat_file: Path | None = Field(
         default=None, description="File the worker touches while alive (liveness probe)."

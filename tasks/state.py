@@ -18,6 +18,7 @@ class RedisLike(Protocol):
     def set(self, name: str, value: str, ex: int | None = ...) -> Any: ...
     def get(self, name: str) -> Any: ...
     def hsetnx(self, name: str, key: str, value: str) -> Any: ...
+    def hget(self, name: str, key: str) -> Any: ...
     def hgetall(self, name: str) -> Any: ...
     def expire(self, name: str, time: int) -> Any: ...
     def delete(self, *names: str) -> Any: ...
@@ -30,6 +31,16 @@ def plan_key(export_id: str) -> str:
 
 def outcomes_key(export_id: str) -> str:
     return f"cacheship-outcomes-{export_id}"
+
+
+def alive_key(hostname: str) -> str:
+    """Present while a worker renews its leases (it expires three renewals after)."""
+    return f"cacheship-worker-alive-{hostname}"
+
+
+def last_seen_key(hostname: str) -> str:
+    """When a worker last renewed its leases: kept after it is gone, to say since when."""
+    return f"cacheship-worker-seen-{hostname}"
 
 
 def save_plan(redis: RedisLike, export_id: str, plan: dict[str, Any], ttl: int) -> None:
@@ -51,13 +62,19 @@ def drop_plan(redis: RedisLike, export_id: str) -> None:
 
 def record_outcome(
     redis: RedisLike, export_id: str, digest: str, outcome: dict[str, Any], ttl: int
-) -> None:
-    """The first finished run of a layer tells what happened; re-runs do not overwrite it."""
+) -> dict[str, Any]:
+    """The first finished run of a layer tells what happened; re-runs do not overwrite it.
+
+    Returns the record that won, so every run of a layer reports the same thing.
+    """
     key = outcomes_key(export_id)
-    pipe = redis.pipeline(transaction=False)  # one round trip: this runs once per layer
+    pipe = redis.pipeline(transaction=True)  # one round trip: this runs once per layer
     pipe.hsetnx(key, digest, json.dumps(outcome, separators=(",", ":")))
+    pipe.hget(key, digest)
     pipe.expire(key, ttl)
-    pipe.execute()
+    stored = pipe.execute()[1]
+    first: dict[str, Any] = json.loads(stored) if stored else outcome
+    return first
 
 
 def load_outcomes(redis: RedisLike, export_id: str) -> dict[str, dict[str, Any]]:

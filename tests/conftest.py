@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
+from tests.faultproxy import FaultProxy
 from tests.stack import Worker, s3_client, start_worker, worker_env
+from worker.client import Client
 from worker.embedded import ServerProcess, start_redis, start_s3
 
 
@@ -50,6 +52,18 @@ def source_root(tmp_path: Path) -> Path:
 @pytest.fixture
 def env(redis_server: ServerProcess, s3_server: ServerProcess, source_root: Path) -> dict[str, str]:
     return worker_env(redis_server.url, s3_server.url, source_root)
+
+
+@pytest.fixture
+def client(redis_server: ServerProcess) -> Client:
+    return Client(redis_server.url)
+
+
+@pytest.fixture
+def proxy(s3_server: ServerProcess) -> Iterator[FaultProxy]:
+    """The S3 server behind the fault-injecting, write-recording proxy (tests/faultproxy.py)."""
+    with FaultProxy(s3_server.url, seed=20260101, max_seconds=900) as running:
+        yield running
 
 
 @pytest.fixture

@@ -52,6 +52,7 @@ class Request:
     target: str
     headers: list[tuple[str, str]]
     body: bytes
+    received_at: float = 0.0  # when its head arrived (monotonic)
 
     @property
     def path(self) -> str:
@@ -105,6 +106,21 @@ class FaultPlan:
     match: Callable[[Request], bool] = field(default=lambda request: True)
 
 
+WRITES = ("CreateMultipartUpload", "UploadPart", "PutObject")
+
+
+@dataclass(frozen=True)
+class Write:
+    """One request that wrote object data, answered 2xx: who wrote what, and when."""
+
+    operation: str
+    path: str
+    part: int
+    size: int
+    start: float
+    end: float
+
+
 @dataclass
 class Stats:
     """What happened, for assertions and for the test report."""
@@ -117,6 +133,30 @@ class Stats:
     bytes_down: int = 0
     operations: Counter[str] = field(default_factory=Counter)
     faults_by_operation: Counter[str] = field(default_factory=Counter)
+    writes: list[Write] = field(default_factory=list)
+
+    def overlapping_writes(self) -> list[tuple[Write, Write]]:
+        """Pairs of writes of the same part of the same object at the same time.
+
+        One writer sends different parts in parallel; two writers of one blob at once send
+        the same part numbers, and that is what this finds.
+        """
+        by_part: dict[tuple[str, int], list[Write]] = {}
+        for write in self.writes:
+            if write.operation != "CreateMultipartUpload":
+                by_part.setdefault((write.path, write.part), []).append(write)
+        pairs = []
+        for writes in by_part.values():
+            writes.sort(key=lambda w: w.start)
+            for index, later in enumerate(writes):
+                pairs += [(first, later) for first in writes[:index] if later.start < first.end]
+        return pairs
+
+    def starts_by_object(self) -> Counter[str]:
+        """Uploads started per object path: CreateMultipartUpload or a whole PutObject."""
+        return Counter(
+            w.path for w in self.writes if w.operation in ("CreateMultipartUpload", "PutObject")
+        )
 
     def summary(self) -> str:
         return (
@@ -402,6 +442,8 @@ class FaultProxy:
                     return  # the answer is lost: close the client connection
                 conn.sendall(head + body)
                 self._count(bytes_down=len(body))
+                if request.operation in WRITES and 200 <= status < 300:
+                    self._record_write(request)
                 if close_after or not keep:
                     return
         finally:
@@ -414,8 +456,25 @@ class FaultProxy:
             with contextlib.suppress(OSError):
                 conn.close()
 
+    def _record_write(self, request: Request) -> None:
+        part = 0
+        for item in request.query.split("&"):
+            if item.startswith("partNumber="):
+                part = int(item.split("=", 1)[1])
+        write = Write(
+            request.operation,
+            request.path,
+            part,
+            len(request.body),
+            request.received_at,
+            time.monotonic(),
+        )
+        with self._lock:
+            self.stats.writes.append(write)
+
     def _read_request(self, conn: socket.socket, rfile: BinaryIO, pace: _Pacer) -> Request:
         start, headers = _read_head(rfile)
+        received_at = time.monotonic()
         method, target, _version = start.decode("latin-1").split(" ", 2)
         expect = _get(headers, "Expect")
         if expect is not None and expect.lower() == "100-continue":
@@ -428,7 +487,7 @@ class FaultProxy:
             if length < 0:
                 raise ValueError("negative Content-Length")
             body = _read_exact(rfile, length, pace)
-        return Request(method, target, headers, body)
+        return Request(method, target, headers, body, received_at)
 
     def _connect(self) -> tuple[socket.socket, BinaryIO]:
         sock = socket.create_connection(self.upstream, timeout=120)

@@ -1,9 +1,11 @@
 """The Celery application, configured for long, resumable, kill-safe copies.
 
-Choices follow Celery's advice for long tasks: late acks with requeue on worker loss (a
-killed worker's layer runs again elsewhere), prefetch 1 (a worker never hoards layers others
-could copy), a Redis visibility timeout above the longest task (no double delivery of a
-healthy long copy), JSON only (pickle refused), events on (Flower shows every step).
+Late acks with requeue on worker loss (a killed pool process's layer runs again), prefetch 1
+(a worker never hoards layers others could copy), JSON only (pickle refused), events on
+(Flower shows every step). The Redis visibility timeout is a short lease that each worker
+renews for the messages it holds (``worker/leases.py``): a healthy copy of any length is
+never delivered twice, and a vanished worker's messages are back in the queue within about
+a minute.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ def configure(app: Celery, settings: Settings) -> None:
     """Apply the settings; also used by tests that build an app for a throw-away Redis."""
     transport = {
         "visibility_timeout": settings.visibility_timeout,
-        # Look for the unacked messages of dead workers on every sweep (each 10 s), not on
-        # every 10th as recent kombu does by default: a killed worker's copy then runs again
-        # about visibility_timeout after it started, not up to 100 s later.
+        # Look for the lapsed leases of dead workers on every sweep (each 10 s), not on every
+        # 10th as recent kombu does by default: a killed worker's copy then runs again about
+        # visibility_timeout after its last renewal, not up to 100 s later.
         "unacked_restore_throttle": 1,
     }
     app.conf.update(
@@ -70,7 +72,16 @@ def configure(app: Celery, settings: Settings) -> None:
     )
 
 
-app = Celery("cacheship", include=["tasks.pipeline", "worker.health"])
+app = Celery(
+    "cacheship",
+    include=[
+        "tasks.jobs.export",
+        "tasks.jobs.copy_layer",
+        "tasks.jobs.finalize",
+        "worker.health",
+        "worker.leases",
+    ],
+)
 
 
 @app.on_configure.connect

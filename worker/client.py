@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from tasks.state import alive_key, last_seen_key, load_outcomes
 from worker.message import encode, task_message
 
 if TYPE_CHECKING:
@@ -32,9 +33,9 @@ if TYPE_CHECKING:
 # export (the command line's common case) needs only the request models and redis-py.
 
 EXPORT_TASK = "cacheship.export"
-READY = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
-# How long wait() tolerates an export that Redis has no trace of before calling it lost.
-LOST_AFTER = 3.0
+READY = frozenset({"SUCCESS", "FAILURE", "REVOKED", "LOST"})
+# Redis has no trace of the export: it was never submitted there, or Redis lost its data.
+LOST = "LOST"
 # tasks.settings' result_expires default (a unit test keeps them equal); the environment's
 # CACHESHIP_RESULT_EXPIRES wins, as it does for the workers.
 RESULT_EXPIRES = 7 * 24 * 3600
@@ -43,6 +44,14 @@ RESULT_EXPIRES = 7 * 24 * 3600
 def submitted_key(export_id: str) -> str:
     """Written before the export is enqueued: Redis knows every export it ever accepted."""
     return f"cacheship-submitted-{export_id}"
+
+
+def export_title(request: ExportRequest) -> str:
+    """The export's name in Flower: ``export /srv/caches/app → s3://ci-cache/ app;main``."""
+    source = request.source
+    origin = source.src if hasattr(source, "src") else f"s3://{source.bucket}/{source.prefix}"
+    target = request.target
+    return f"export {origin} → s3://{target.bucket}/{target.prefix} {';'.join(target.name)}"
 
 
 class ExportError(RuntimeError):
@@ -62,6 +71,13 @@ class StepStatus:
     status: str = "waiting"
     bytes_done: int = 0
     error: str | None = None
+    worker: str | None = None
+    # Running on a worker that stopped renewing its leases: (hostname, seconds since).
+    lost_worker: tuple[str, float] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.state in READY
 
 
 @dataclass
@@ -141,10 +157,12 @@ class Client:
             request = parse_request(request)
         body = request.model_dump(mode="json", by_alias=True)
         export_id = str(uuid.uuid4())
-        message = encode(task_message(EXPORT_TASK, export_id, [body], self.queue))
+        message = task_message(
+            EXPORT_TASK, export_id, [body], self.queue, shadow=export_title(request)
+        )
         with self._publisher.pipeline(transaction=True) as pipe:
             pipe.set(submitted_key(export_id), "1", ex=self.result_expires)
-            pipe.lpush(self.queue, message)
+            pipe.lpush(self.queue, encode(message))
             pipe.execute()
         return export_id
 
@@ -154,8 +172,8 @@ class Client:
     def lost(self, export_id: str) -> bool:
         """True when Redis has no trace of the export: neither a state nor its submission.
 
-        That happens when Redis lost its data (restarted without persistence) or the
-        records expired; nothing will ever finish such an export.
+        That happens for an unknown id, when Redis lost its data (restarted without
+        persistence) or when the records expired; nothing will ever finish such an export.
         """
         return self._result(export_id).state == "PENDING" and not self._redis().exists(
             submitted_key(export_id)
@@ -168,6 +186,16 @@ class Client:
         """Read the export's metadata and, when asked, every step's."""
         res = self._result(export_id)
         state, info = res.state, res.info
+        if state == "PENDING" and not self._redis().exists(submitted_key(export_id)):
+            return Snapshot(
+                export_id=export_id,
+                state=LOST,
+                error=(
+                    f"Redis has no record of export {export_id}: unknown id, lost when Redis "
+                    "restarted without persistence, or expired; submit it again (layers "
+                    "already stored are skipped)"
+                ),
+            )
         snap = Snapshot(export_id=export_id, state=state)
         meta: dict[str, Any] = info if isinstance(info, dict) else {}
         if state == "FAILURE":
@@ -190,12 +218,45 @@ class Client:
                 self._step(s, state, meta, outcomes, 0 <= i < position)
                 for i, s in enumerate(steps)
             ]
+            if not snap.ready:
+                self._mark_lost_workers(snap.steps)
         return snap
+
+    def _mark_lost_workers(self, steps: list[StepStatus]) -> None:
+        """Say which running layers sit on a worker that is gone, and since when.
+
+        Workers renew a liveness key with their leases (worker/leases.py); a running layer
+        whose worker has none is waiting for its lease to lapse, after which another worker
+        takes it over.
+        """
+        running = [s for s in steps if s.kind == "layer" and s.worker and not s.ready]
+        hosts = sorted({s.worker for s in running if s.worker})
+        if not hosts:
+            return
+        redis = self._redis()
+        with redis.pipeline(transaction=False) as pipe:
+            for host in hosts:
+                pipe.exists(alive_key(host))
+                pipe.get(last_seen_key(host))
+            replies = pipe.execute()
+        now = time.time()
+        gone = {
+            host: now - float(seen) if seen else 0.0
+            for host, alive, seen in zip(hosts, replies[::2], replies[1::2], strict=True)
+            if not alive
+        }
+        for step in running:
+            if step.worker in gone:
+                since = gone[step.worker]
+                step.lost_worker = (step.worker, since)
+                step.status = "worker lost"
+                step.error = (
+                    f"worker {step.worker} stopped {since:.0f}s ago; another worker takes "
+                    "this layer over once its lease lapses (about a minute), resuming its parts"
+                )
 
     def _outcomes(self, export_id: str) -> dict[str, dict[str, Any]]:
         """What happened to each finished layer (uploaded, skipped, touched)."""
-        from tasks.state import load_outcomes
-
         try:
             backend: Any = self.app.backend
             return load_outcomes(backend.client, export_id)
@@ -224,9 +285,15 @@ class Client:
             item.status = "done" if done else ("writing" if current else "waiting")
             item.bytes_done = item.size if done else 0
             return item
-        res = self._result(item.task_id)
-        item.state = res.state
-        info = res.info
+        backend: Any = self.app.backend
+        meta = backend.get_task_meta(item.task_id)  # one read: state, result and worker
+        item.state = str(meta.get("status", "PENDING"))
+        info = meta.get("result")
+        if item.state in ("STARTED", "PROGRESS"):
+            started_on = meta.get("worker") or (
+                info.get("hostname") if isinstance(info, dict) else None
+            )
+            item.worker = str(started_on) if started_on else None
         if item.state == "SUCCESS":
             outcome = (outcomes or {}).get(item.digest, {})
             item.bytes_done, item.status = item.size, str(outcome.get("action", "done"))
@@ -257,7 +324,6 @@ class Client:
         reads when no message comes (lost detection, a dropped subscription).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        missing_since: float | None = None
         with self._woken_by(export_id) as pause:
             while True:
                 snap = self.snapshot(export_id, with_steps=False)
@@ -265,15 +331,6 @@ class Client:
                     return snap.result or {}
                 if snap.state in READY:
                     raise ExportError(snap.error or snap.state)
-                if snap.state == "PENDING" and self.lost(export_id):
-                    missing_since = missing_since or time.monotonic()
-                    if time.monotonic() - missing_since >= LOST_AFTER:
-                        raise ExportError(
-                            f"export {export_id}: Redis has no record of it (lost when Redis "
-                            "restarted without persistence, or expired); submit it again"
-                        )
-                else:
-                    missing_since = None
                 now = time.monotonic()
                 if deadline is not None and now > deadline:
                     raise TimeoutError(f"export {export_id} not finished after {timeout}s")

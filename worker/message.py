@@ -27,8 +27,13 @@ def _shorten(text: str, limit: int = ARGSREPR_MAX) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def task_message(task: str, task_id: str, args: list[Any], queue: str) -> dict[str, Any]:
-    """The queue entry for ``task(*args)`` with id ``task_id`` (a JSON body, base64 encoded)."""
+def task_message(
+    task: str, task_id: str, args: list[Any], queue: str, shadow: str | None = None
+) -> dict[str, Any]:
+    """The queue entry for ``task(*args)`` with id ``task_id`` (a JSON body, base64 encoded).
+
+    ``shadow`` is the name logs and Flower show instead of the task's.
+    """
     body = json.dumps(
         [args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
         separators=(",", ":"),
@@ -37,7 +42,7 @@ def task_message(task: str, task_id: str, args: list[Any], queue: str) -> dict[s
         "lang": "py",
         "task": task,
         "id": task_id,
-        "shadow": None,
+        "shadow": shadow,
         "eta": None,
         "expires": None,
         "group": None,

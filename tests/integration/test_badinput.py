@@ -23,7 +23,7 @@ import pytest
 
 from tasks.request import RequestError, parse_request
 from tests.stack import Worker, s3_client, start_worker, worker_env
-from worker.client import Client
+from worker.client import Client, submitted_key
 from worker.embedded import ServerProcess, start_redis
 
 CORPUS = Path(__file__).resolve().parents[1] / "badinput" / "cases.json"
@@ -224,7 +224,10 @@ class Stage:
 
     def run(self, request: Any, timeout: float = 60.0) -> tuple[str, str]:
         """Send the request as a raw message; returns (state, error or final status)."""
-        export_id = str(self.client.app.send_task("cacheship.export", args=[request]).id)
+        export_id = str(uuid.uuid4())
+        # What Client.submit records first: without it, a queued export reads as unknown.
+        self.client.app.backend.client.set(submitted_key(export_id), "1")  # type: ignore[attr-defined]
+        self.client.app.send_task("cacheship.export", args=[request], task_id=export_id)
         deadline = time.monotonic() + timeout
         while True:
             snap = self.client.snapshot(export_id, with_steps=False)

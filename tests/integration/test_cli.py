@@ -267,8 +267,8 @@ def test_the_redis_password_is_never_printed(env: dict[str, str], tmp_path: Path
         good = f"redis://:{password}@127.0.0.1:{server.port}/0"
         unknown = str(uuid.uuid4())
         pending = cli("status", unknown, "--redis-url", good, env=env)
-        assert pending.returncode == 0, pending.stderr
-        assert "PENDING" in pending.stdout
+        assert pending.returncode == 1, pending.stderr
+        assert f"Redis has no record of export {unknown}" in pending.stderr
         queued = cli(
             "export",
             "--from",

@@ -17,7 +17,7 @@ from celery import Celery
 from tasks.request import parse_request
 from tasks.settings import Settings
 from worker.app import configure
-from worker.client import EXPORT_TASK, Client, submitted_key
+from worker.client import EXPORT_TASK, Client, export_title, submitted_key
 from worker.embedded import ServerProcess
 
 REQUEST = {
@@ -40,8 +40,9 @@ def test_submit_writes_the_message_celery_writes(redis_server: ServerProcess) ->
 
     app = Celery("probe", set_as_current=False)
     configure(app, Settings(redis_url=redis_server.url, queue="probe-celery"))
-    body = parse_request(REQUEST).model_dump(mode="json", by_alias=True)
-    app.send_task(EXPORT_TASK, args=[body], task_id=export_id).forget()
+    request = parse_request(REQUEST)
+    body = request.model_dump(mode="json", by_alias=True)
+    app.send_task(EXPORT_TASK, args=[body], task_id=export_id, shadow=export_title(request))
 
     ours, theirs = _queued(conn, "probe-client"), _queued(conn, "probe-celery")
     assert ours["body"] == theirs["body"]
@@ -55,6 +56,7 @@ def test_submit_writes_the_message_celery_writes(redis_server: ServerProcess) ->
     assert {k: ours["headers"][k] for k in same_headers} == {
         k: theirs["headers"][k] for k in same_headers
     }
+    assert ours["headers"]["shadow"] == "export /srv/caches/app → s3://ci-cache/ app;main"
     assert ours["headers"]["argsrepr"].startswith("[{'source': {'type': 'local'")
     assert set(ours["properties"]) == set(theirs["properties"])
     for key in ("correlation_id", "delivery_mode", "priority", "body_encoding"):

@@ -14,7 +14,6 @@ import pytest
 from tasks.cacheformat import decode_config, decode_manifest, descriptors_from_annotations
 from tests.stack import Worker
 from worker.client import Client, ExportError
-from worker.embedded import ServerProcess
 from worker.samplecache import SampleCache, write_sample_cache
 
 MiB = 1024 * 1024
@@ -69,11 +68,6 @@ def assert_sound_cache(
     assert "sha256:" + hashlib.sha256(config_blob).hexdigest() == contents.config.digest
     assert [d.digest for d in contents.layers] == [d.digest for d in cache.layers]
     return manifests[0]
-
-
-@pytest.fixture
-def client(redis_server: ServerProcess) -> Client:
-    return Client(redis_server.url)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from tasks.cacheformat import decode_config, descriptors_from_annotations
 from tests.faultproxy import FaultPlan, FaultProxy
 from tests.integration.test_export import assert_sound_cache
 from tests.stack import Worker, child_pids, s3_client, worker_env
-from worker.client import LOST_AFTER, Client, ExportError
+from worker.client import Client, ExportError
 from worker.embedded import ServerProcess, start_redis
 from worker.samplecache import SampleCache, write_sample_cache
 
@@ -54,17 +54,6 @@ def local(cache: SampleCache) -> dict[str, Any]:
 
 def target(bucket: str, **attrs: Any) -> dict[str, Any]:
     return {"type": "s3", "bucket": bucket, **attrs}
-
-
-@pytest.fixture
-def proxy(s3_server: ServerProcess) -> Iterator[FaultProxy]:
-    with FaultProxy(s3_server.url, seed=20260101, max_seconds=600) as running:
-        yield running
-
-
-@pytest.fixture
-def client(redis_server: ServerProcess) -> Client:
-    return Client(redis_server.url)
 
 
 def proxied_env(
@@ -515,7 +504,7 @@ def wait_supervised(
     while True:
         supervisor.check()
         try:
-            return client.wait(export_id, timeout=LOST_AFTER + 2, interval=0.2)
+            return client.wait(export_id, timeout=5, interval=0.2)
         except TimeoutError:
             assert time.monotonic() < deadline, f"export {export_id} hangs"
 

@@ -99,11 +99,6 @@ def scan_files(paths: list[Path], needle: str) -> tuple[int, int, list[str]]:
 
 
 @pytest.fixture
-def client(redis_server: ServerProcess) -> Client:
-    return Client(redis_server.url)
-
-
-@pytest.fixture
 def cache(source_root: Path) -> SampleCache:
     return write_sample_cache(source_root / "app", [6 * MiB, 700_000, 30_000], seed=51)
 

@@ -21,10 +21,12 @@ STATE_WORDS = {
 
 
 def failed(snap: Snapshot) -> bool:
-    return snap.state in ("FAILURE", "REVOKED")
+    return snap.state in ("FAILURE", "REVOKED", "LOST")
 
 
 def error_line(snap: Snapshot) -> str:
+    if snap.state == "LOST":
+        return snap.error or f"Redis has no record of export {snap.export_id}"
     return f"export {snap.export_id} failed: {snap.error or snap.state.lower()}"
 
 

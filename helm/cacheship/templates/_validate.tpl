@@ -10,9 +10,10 @@ rule stops the install with a message instead of deploying workers that misbehav
 {{- fail (printf "worker.taskSoftTimeLimit (%d) must be below worker.taskTimeLimit (%d)" (int $w.taskSoftTimeLimit) (int $w.taskTimeLimit)) }}
 {{- end }}
 
-{{- /* Tasks are acknowledged after they run: Redis must not redeliver one that is still running. */}}
-{{- if le (int $w.visibilityTimeout) (int $w.taskTimeLimit) }}
-{{- fail (printf "worker.visibilityTimeout (%d) must exceed worker.taskTimeLimit (%d), or Redis hands running tasks to a second worker" (int $w.visibilityTimeout) (int $w.taskTimeLimit)) }}
+{{- /* Workers renew the lease on every message they hold each sixth of the timeout: below a
+minute, a short stall of a healthy worker (GC, a Redis fail-over) would hand its tasks out twice. */}}
+{{- if lt (int $w.visibilityTimeout) 30 }}
+{{- fail (printf "worker.visibilityTimeout (%d) must be at least 30 seconds: workers renew their leases every sixth of it" (int $w.visibilityTimeout)) }}
 {{- end }}
 
 {{- /* A warm shutdown waits for running tasks; a shorter grace period kills them. */}}

@@ -1,0 +1,71 @@
+"""Single flight per blob across the fleet: one writer uploads, the others wait and skip.
+
+Build farms export the same base layers from many builds at once. Without coordination each
+export that finds a blob missing uploads it too. A short-lived Redis lock per (bucket, key)
+makes the first writer the only one; the others wait until it is released, then find the
+blob by HEAD and count it as skipped. The lock is a lease: its holder renews it while it
+writes, so a holder that dies (SIGKILL, node loss) frees the blob within ``ttl`` seconds and
+a waiter takes over, resuming the parts already stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from redis.lock import Lock
+
+# Long enough to ride out a pause of the holder's process; short enough that a dead holder
+# delays its waiters by seconds, not minutes.
+LEASE_SECONDS = 30.0
+
+
+def lock_key(bucket: str, key: str) -> str:
+    """One lock name per stored object, of bounded length whatever the key."""
+    digest = hashlib.sha256(f"{bucket}\0{key}".encode()).hexdigest()[:32]
+    return f"cacheship-flight-{digest}"
+
+
+@contextmanager
+def single_flight(
+    redis: Any,
+    name: str,
+    *,
+    ttl: float = LEASE_SECONDS,
+    poll: float = 0.2,
+    on_wait: Callable[[], None] = lambda: None,
+) -> Iterator[None]:
+    """Hold ``name`` fleet-wide while the body runs; wait (calling ``on_wait`` once) if held.
+
+    The lock is renewed every third of ``ttl`` by a thread of this process, so it outlives
+    any copy however long, and lapses ``ttl`` seconds after this process is gone.
+    """
+    lock = Lock(redis, name, timeout=ttl, sleep=poll, thread_local=False)
+    if not lock.acquire(blocking=False):
+        on_wait()
+        lock.acquire(blocking=True)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(ttl / 3):
+            try:
+                lock.reacquire()
+            except Exception:
+                # Lost (expired during a long Redis outage): the upload itself stays safe,
+                # since a second writer's result is the same bytes under the same key.
+                return
+
+    keeper = threading.Thread(target=renew, name=f"lease {name}", daemon=True)
+    keeper.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        keeper.join()
+        with contextlib.suppress(Exception):  # expired meanwhile: nothing to release
+            lock.release()
+

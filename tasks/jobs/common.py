@@ -1,0 +1,174 @@
+"""What every task module shares: failure types, retries, sources and targets from settings,
+and the export's own final state.
+
+An export is followed by ONE id, the ``export`` task's. That task hands the work to a chord
+and leaves its state at PROGRESS; whichever task decides the outcome (``finalize`` on
+success, the first layer that fails for good) writes the export's final state and sends the
+matching task event, so the result backend and Flower both show the export ending SUCCESS or
+FAILURE with its reason, under its own name.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO, NoReturn
+
+from celery import Task
+from celery.utils.log import get_task_logger
+from celery.utils.time import get_exponential_backoff_interval
+
+from tasks import state
+from tasks.cacheformat import FormatError
+from tasks.ingester import DigestMismatchError, IngestError
+from tasks.request import LocalSpec, RequestError, S3Spec
+from tasks.s3client import is_transient
+from tasks.settings import Settings, get_settings
+from tasks.sources import local as local_source
+from tasks.sources import s3 as s3_source
+from tasks.sources.common import LoadedCache, SourceError
+from tasks.targets import S3Target, Target
+
+logger = get_task_logger("tasks.jobs")
+
+PERMANENT = (RequestError, SourceError, FormatError, DigestMismatchError, IngestError)
+
+
+class ExportFailed(Exception):
+    """A permanent failure; the message names the step (and so the layer)."""
+
+
+def settings() -> Settings:
+    return get_settings()
+
+
+def redis_of(task: Task[Any, Any]) -> Any:
+    """The result backend's Redis client: bookkeeping lives beside the results."""
+    return task.backend.client  # type: ignore[attr-defined]
+
+
+def cancelled_key(export_id: str) -> str:
+    return f"cacheship-cancelled-{export_id}"
+
+
+def check_allowed(spec: S3Spec, config: Settings, role: str) -> None:
+    if config.allowed_buckets and spec.bucket not in config.allowed_buckets:
+        raise RequestError(f"{role}.bucket: {spec.bucket!r} is not in CACHESHIP_ALLOWED_BUCKETS")
+
+
+def load_source(source: LocalSpec | S3Spec, config: Settings) -> LoadedCache:
+    if isinstance(source, LocalSpec):
+        return local_source.load(source, config.source_roots)
+    return s3_source.load(source, config.s3_client(source))
+
+
+@contextmanager
+def open_blob(source: LocalSpec | S3Spec, digest: str, config: Settings) -> Iterator[BinaryIO]:
+    if isinstance(source, LocalSpec):
+        stream = local_source.open_blob(source, config.source_roots, digest)
+    else:
+        stream = s3_source.open_blob(source, config.s3_client(source), digest)
+    try:
+        yield stream
+    finally:
+        stream.close()
+
+
+def open_target(
+    spec: S3Spec, config: Settings, redis: Any, on_wait: Callable[[], None] = lambda: None
+) -> Target:
+    """The store an export writes to, configured from the worker's settings."""
+    return S3Target(
+        config.s3_client(spec),
+        spec,
+        redis,
+        head_forbidden=config.s3_head_forbidden,
+        min_part_size=config.part_size,
+        on_wait=on_wait,
+    )
+
+
+def retry_or_fail(
+    task: Task[Any, Any],
+    exc: Exception,
+    what: str,
+    config: Settings,
+    on_give_up: Callable[[], None] = lambda: None,
+    args: tuple[Any, ...] | None = None,
+) -> NoReturn:
+    """Retry a transient error later (jittered exponential backoff); fail for good otherwise.
+
+    Retrying through Celery, not in a loop here, frees the worker while it waits and survives
+    the worker's death: the retry is a message in Redis.
+    """
+    retries = task.request.retries
+    if not is_transient(exc):
+        on_give_up()
+        raise ExportFailed(f"{what}: {type(exc).__name__}: {exc}") from None
+    if retries >= config.copy_max_retries:
+        on_give_up()
+        raise ExportFailed(f"{what}: gave up after {retries} retries: {exc}") from None
+    countdown = get_exponential_backoff_interval(2, retries, 60, full_jitter=True)
+    raise task.retry(args=args, exc=exc, countdown=countdown) from None
+
+
+def export_started_at(redis: Any, export_id: str) -> float | None:
+    raw = redis.get(f"cacheship-started-{export_id}")
+    return float(raw) if raw else None
+
+
+def mark_started(redis: Any, export_id: str, ttl: int) -> None:
+    redis.set(f"cacheship-started-{export_id}", repr(time.time()), ex=ttl, nx=True)
+
+
+def finish_export(
+    task: Task[Any, Any], export_id: str, result: dict[str, Any] | None, error: str | None
+) -> None:
+    """Write the export's final state under its own id and tell Flower, once.
+
+    ``error`` set: FAILURE with that one-line reason, and every layer not yet started is
+    cancelled (a layer after a failed one is not copied). Otherwise SUCCESS with ``result``.
+    The first caller wins: a later success never overwrites a failure, nor the reverse.
+    """
+    redis = redis_of(task)
+    ttl = int(task.app.conf.result_expires or 7 * 24 * 3600)
+    if not redis.set(f"cacheship-finished-{export_id}", "1" if error is None else "0",
+                     nx=True, ex=ttl):
+        return
+    started = export_started_at(redis, export_id)
+    runtime = time.time() - started if started else 0.0
+    backend: Any = task.backend
+    if error is None:
+        backend.store_result(export_id, result, "SUCCESS")
+        task.send_event(
+            "task-succeeded", uuid=export_id, result=repr(result), runtime=runtime
+        )
+        return
+    redis.set(cancelled_key(export_id), error, ex=ttl)
+    # Layers still queued are dropped where they wait (Flower shows them REVOKED); one that
+    # starts anyway sees the cancelled key and stops before copying.
+    layer_ids = _layer_task_ids(redis, export_id)
+    if layer_ids:
+        task.app.control.revoke(layer_ids)
+    backend.store_result(export_id, ExportFailed(error), "FAILURE")
+    task.send_event(
+        "task-failed", uuid=export_id, exception=f"ExportFailed({error!r})", traceback=""
+    )
+    logger.warning("export %s failed: %s", export_id, error)
+
+
+def _layer_task_ids(redis: Any, export_id: str) -> list[str]:
+    try:
+        stored = state.load_plan(redis, export_id)
+    except LookupError:
+        return []
+    return [s["task_id"] for s in stored["steps"] if s["kind"] == "layer"]
+
+
+def cancelled(task: Task[Any, Any], export_id: str) -> str | None:
+    """The failure that cancelled the export, if any (one Redis GET)."""
+    raw = redis_of(task).get(cancelled_key(export_id))
+    if raw is None:
+        return None
+    return raw.decode() if isinstance(raw, bytes) else str(raw)

@@ -1,0 +1,136 @@
+"""The ``export`` task: validate, read and plan, then hand the copying to a chord.
+
+The chord is ``group(copy_layer × N) | finalize``. Every id in it is derived from the export's
+id, so a redelivered ``export`` (its worker died after dispatching) recreates the same ids and
+changes nothing; it dispatches only once anyway.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from celery import Task, chord, shared_task
+from celery.exceptions import Ignore
+
+from tasks import state
+from tasks.cacheformat import EmptyCacheError
+from tasks.jobs.common import (
+    PERMANENT,
+    ExportFailed,
+    check_allowed,
+    load_source,
+    logger,
+    mark_started,
+    redis_of,
+    retry_or_fail,
+    settings,
+)
+from tasks.jobs.copy_layer import copy_layer, layer_title
+from tasks.jobs.finalize import finalize
+from tasks.plan import ExportPlan, plan_export
+from tasks.progress import PROGRESS, config_step, layer_step, manifest_step, now_iso
+from tasks.request import LocalSpec, S3Spec, parse_request
+from tasks.sources import local as local_source
+
+
+def derived_id(export_id: str, what: str) -> str:
+    """A stable id for one part of the export (a layer's digest, "finalize")."""
+    return str(uuid.uuid5(uuid.UUID(export_id), what))
+
+
+def _steps(plan: ExportPlan, export_id: str, image_manifest: bool) -> list[dict[str, Any]]:
+    steps = [
+        {
+            "name": layer_step(d.digest),
+            "task_id": derived_id(export_id, d.digest),
+            "kind": "layer",
+            "digest": d.digest,
+            "size": d.size,
+        }
+        for d in plan.layers
+    ]
+    for kind, desc, name in (
+        ("config", plan.config_desc, config_step(plan.config_desc.digest)),
+        ("manifest", plan.manifest_desc, manifest_step(plan.manifest_desc.digest, image_manifest)),
+    ):
+        steps.append(
+            {"name": name, "task_id": export_id, "kind": kind, "digest": desc.digest,
+             "size": desc.size}
+        )
+    return steps
+
+
+def describe(target: S3Spec) -> str:
+    """How a person names the destination: ``s3://bucket/prefix main;other``."""
+    return f"s3://{target.bucket}/{target.prefix} {';'.join(target.name)}"
+
+
+@shared_task(bind=True, name="cacheship.export", max_retries=None)
+def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
+    config = settings()
+    export_id = str(self.request.id)
+    redis = redis_of(self)
+    # Results keep a task's args (result_extended): never the raw request, which may hold
+    # what validation refuses (credentials); the validated request replaces it.
+    self.request.args = []
+    try:
+        req = parse_request(request)
+        self.request.args = [req.model_dump(mode="json", by_alias=True)]
+        check_allowed(req.target, config, "target")
+        if isinstance(req.source, S3Spec):
+            check_allowed(req.source, config, "source")
+        self.update_state(state=PROGRESS, meta={"export_id": export_id, "phase": "reading",
+                                                "started_at": now_iso()})
+        plan = plan_export(load_source(req.source, config), req.target)
+        if isinstance(req.source, LocalSpec):
+            # A missing or wrong-sized layer file fails the export before any upload.
+            local_source.check_blobs(req.source, config.source_roots, plan.layers)
+    except EmptyCacheError as exc:
+        return {"status": "empty", "message": str(exc), "layers": 0, "bytes_sent": 0}
+    except PERMANENT as exc:
+        raise ExportFailed(str(exc)) from None
+    except Exception as exc:
+        # Reading an S3 source meets the same transient faults as copying a layer.
+        retry_or_fail(self, exc, "reading the source", config, args=(request,))
+
+    for warning in plan.warnings:
+        logger.warning("export %s: %s", export_id, warning)
+    mark_started(redis, export_id, config.result_expires)
+    steps = _steps(plan, export_id, req.target.image_manifest)
+    plan_json = plan.to_json()
+    source = req.source.model_dump(mode="json", by_alias=True)
+    target = req.target.model_dump(mode="json", by_alias=True)
+    state.save_plan(
+        redis,
+        export_id,
+        {"plan": plan_json, "steps": steps, "target": target},
+        config.result_expires,
+    )
+    meta = {
+        "export_id": export_id,
+        "phase": "copying",
+        "layers": len(plan.layers),
+        "bytes_total": plan.bytes_total,
+        "steps": steps,
+        "started_at": now_iso(),
+        "target": describe(req.target),
+    }
+    self.update_state(state=PROGRESS, meta=meta)
+    if redis.set(f"cacheship-dispatched-{export_id}", "1", nx=True, ex=config.result_expires):
+        header = [
+            copy_layer.s(export_id, source, target, layer).set(
+                task_id=step["task_id"], shadow=layer_title(layer["digest"], layer["size"])
+            )
+            for layer, step in zip(plan_json["layers"], steps, strict=False)
+        ]
+        body = finalize.s(export_id).set(
+            task_id=derived_id(export_id, "finalize"),
+            shadow=f"finalize {describe(req.target)}",
+        )
+        chord(header, body).apply_async()
+    # The export stays PROGRESS: the chord's tasks write its final state (common.py).
+    raise Ignore()
+
+
+__all__ = ["derived_id", "export"]

@@ -1,0 +1,114 @@
+"""Where an export writes: one small interface per target, as BuildKit's exporters have.
+
+The tasks only ever talk to a ``Target``: copy a layer into it, tell which layers it lacks,
+store a small blob, write the names. ``S3Target`` is BuildKit's S3 cache layout; other
+stores (a local OCI layout) implement the same five calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol
+
+from tasks.cacheformat import Descriptor
+from tasks.copy import CopyOutcome, copy_blob
+from tasks.flight import lock_key, single_flight
+from tasks.ingester import open_uploads, stat
+from tasks.plan import ExportPlan
+from tasks.publish import missing_blobs, put_blob, put_names
+from tasks.request import S3Spec
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+OpenSource = Callable[[], AbstractContextManager[BinaryIO]]
+
+
+class Target(Protocol):
+    """The ingester role of an export: blobs in, then names that reference them."""
+
+    def copy_layer(
+        self, layer: Descriptor, open_source: OpenSource, progress: Callable[[int], None]
+    ) -> CopyOutcome:
+        """Make the target hold ``layer`` byte for byte; safe to run any number of times."""
+        ...
+
+    def missing(self, layers: Sequence[Descriptor]) -> list[str]:
+        """Digests of ``layers`` the target lacks (absent, or of the wrong size)."""
+        ...
+
+    def put_blob(self, desc: Descriptor, data: bytes) -> None:
+        """Store a small blob (config, manifest) under its digest."""
+        ...
+
+    def write_names(self, plan: ExportPlan) -> list[str]:
+        """Point the cache's names at the plan; called only once every blob is stored."""
+        ...
+
+    def abandon(self, digest: str) -> None:
+        """Leave nothing half-written for ``digest`` (the layer will not be retried)."""
+        ...
+
+
+class S3Target:
+    """BuildKit's S3 cache layout, with one writer per blob across the fleet."""
+
+    def __init__(
+        self,
+        client: S3Client,
+        spec: S3Spec,
+        redis: Any,
+        *,
+        head_forbidden: Literal["upload", "fail"] = "upload",
+        min_part_size: int = 8 * 1024 * 1024,
+        on_wait: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.client, self.spec, self.redis = client, spec, redis
+        self.head_forbidden, self.min_part_size = head_forbidden, min_part_size
+        self.on_wait = on_wait
+
+    def copy_layer(
+        self, layer: Descriptor, open_source: OpenSource, progress: Callable[[int], None]
+    ) -> CopyOutcome:
+        def copy() -> CopyOutcome:
+            return copy_blob(
+                open_source,
+                self.client,
+                self.spec,
+                layer,
+                head_forbidden=self.head_forbidden,
+                min_part_size=self.min_part_size,
+                progress=progress,
+            )
+
+        key = self.spec.blob_key(layer.digest)
+        info = stat(self.client, self.spec.bucket, key, self.head_forbidden)
+        if info is not None and info.size == layer.size:
+            return copy()  # present: skipped or touched, no need to coordinate
+        # Absent: upload under the blob's fleet-wide lock. A waiter finds the blob stored by
+        # the holder when its turn comes (copy_blob HEADs first) and counts it as skipped.
+        with single_flight(self.redis, lock_key(self.spec.bucket, key), on_wait=self.on_wait):
+            return copy()
+
+    def missing(self, layers: Sequence[Descriptor]) -> list[str]:
+        return missing_blobs(self.client, self.spec, layers, self.head_forbidden)
+
+    def put_blob(self, desc: Descriptor, data: bytes) -> None:
+        put_blob(self.client, self.spec, desc, data)
+
+    def write_names(self, plan: ExportPlan) -> list[str]:
+        return put_names(self.client, self.spec, plan.s3_config)
+
+    def abandon(self, digest: str) -> None:
+        key = self.spec.blob_key(digest)
+        # Under the blob's lock: never abort the upload another export is writing right now.
+        with (
+            contextlib.suppress(Exception),
+            single_flight(self.redis, lock_key(self.spec.bucket, key)),
+        ):
+            for upload_id in open_uploads(self.client, self.spec.bucket, key):
+                self.client.abort_multipart_upload(
+                    Bucket=self.spec.bucket, Key=key, UploadId=upload_id
+                )
