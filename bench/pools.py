@@ -61,6 +61,14 @@ VARIANTS: dict[str, tuple[list[str], dict[str, Any]]] = {
         ["--pool", "threads", "--concurrency", "8"],
         {"worker_send_task_events": False},
     ),
+    "threads4-nosent": (
+        ["--pool", "threads", "--concurrency", "4"],
+        {"task_send_sent_event": False},
+    ),
+    "threads4-nostarted": (
+        ["--pool", "threads", "--concurrency", "4"],
+        {"task_track_started": False},
+    ),
     "threads8-prefetch4": (
         ["--pool", "threads", "--concurrency", "8"],
         {"worker_prefetch_multiplier": 4},
@@ -91,6 +99,8 @@ def run_variant(
     argv, conf = VARIANTS[name]
     env = stack.env()
     env["CACHESHIP_BENCH_CONF"] = json.dumps(conf)
+    # celery worker takes a configured pool over its own default (prefork): say it here too.
+    env["CACHESHIP_POOL"] = argv[argv.index("--pool") + 1]
     log = stack.log_dir / f"worker-{name}.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
@@ -120,9 +130,11 @@ def run_variant(
             spy = None
             if profile is not None and i == runs - 1:
                 profile.mkdir(parents=True, exist_ok=True)
+                spy_bin = str(Path(sys.executable).with_name("py-spy"))
+                flame = str(profile / f"{name}.txt")
                 spy = subprocess.Popen(
-                    ["py-spy", "record", "-p", str(proc.pid), "--subprocesses", "-r", "100",
-                     "-f", "raw", "-o", str(profile / f"{name}.txt"), "--nonblocking"],
+                    [spy_bin, "record", "-p", str(proc.pid), "--subprocesses", "-r", "100",
+                     "-f", "raw", "-o", flame, "--nonblocking"],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 )
                 time.sleep(1.0)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from tasks.cacheformat import Descriptor
-from tasks.ingester import BlobWriter, DigestMismatchError, stat, touch
+from tasks.ingester import BlobInfo, BlobWriter, DigestMismatchError, stat, touch
 from tasks.request import S3Spec
 
 if TYPE_CHECKING:
@@ -57,10 +57,17 @@ def copy_blob(
     head_forbidden: Literal["upload", "fail"] = "upload",
     min_part_size: int = 8 * CHUNK,
     progress: Callable[[int], None] = lambda done: None,
+    head: bool = True,
+    info: BlobInfo | None = None,
 ) -> CopyOutcome:
-    """Make ``target`` hold ``layer`` byte for byte; safe to run any number of times."""
+    """Make ``target`` hold ``layer`` byte for byte; safe to run any number of times.
+
+    ``head=False``: the caller has just HEADed the key and passes what it found as ``info``
+    (a HEAD per layer is most of the work of a warm export: never send two).
+    """
     key = target.blob_key(layer.digest)
-    info = stat(client, target.bucket, key, head_forbidden)
+    if head:
+        info = stat(client, target.bucket, key, head_forbidden)
     if info is not None and info.size == layer.size:
         age = (datetime.now(UTC) - info.last_modified).total_seconds()
         if age >= target.touch_refresh:

@@ -72,7 +72,10 @@ class S3Target:
     def copy_layer(
         self, layer: Descriptor, open_source: OpenSource, progress: Callable[[int], None]
     ) -> CopyOutcome:
-        def copy() -> CopyOutcome:
+        key = self.spec.blob_key(layer.digest)
+        info = stat(self.client, self.spec.bucket, key, self.head_forbidden)
+
+        def copy(head: bool = True) -> CopyOutcome:
             return copy_blob(
                 open_source,
                 self.client,
@@ -81,12 +84,16 @@ class S3Target:
                 head_forbidden=self.head_forbidden,
                 min_part_size=self.min_part_size,
                 progress=progress,
+                head=head,
+                info=info,
             )
 
-        key = self.spec.blob_key(layer.digest)
-        info = stat(self.client, self.spec.bucket, key, self.head_forbidden)
         if info is not None and info.size == layer.size:
-            return copy()  # present: skipped or touched, no need to coordinate
+            return copy(head=False)  # present: skipped or touched, no need to coordinate
+        if layer.size <= self.min_part_size:
+            # One PutObject: a concurrent writer of this blob sends the same bytes in one
+            # atomic request, which costs no more than the lock's round trips would.
+            return copy(head=False)
         # Absent: upload under the blob's fleet-wide lock. A waiter finds the blob stored by
         # the holder when its turn comes (copy_blob HEADs first) and counts it as skipped.
         with single_flight(self.redis, lock_key(self.spec.bucket, key), on_wait=self.on_wait):
