@@ -48,6 +48,11 @@ def _read(stream: BinaryIO, size: int) -> bytes | bytearray:
     return buffer
 
 
+def fresh(info: BlobInfo, touch_refresh: float) -> bool:
+    """A stored blob young enough to be skipped; older ones are touched (lifecycle rules)."""
+    return (datetime.now(UTC) - info.last_modified).total_seconds() < touch_refresh
+
+
 def copy_blob(
     open_source: Callable[[], AbstractContextManager[BinaryIO]],
     client: S3Client,
@@ -69,8 +74,7 @@ def copy_blob(
     if head:
         info = stat(client, target.bucket, key, head_forbidden)
     if info is not None and info.size == layer.size:
-        age = (datetime.now(UTC) - info.last_modified).total_seconds()
-        if age >= target.touch_refresh:
+        if not fresh(info, target.touch_refresh):
             touch(client, target.bucket, key, info.size)
             return CopyOutcome(layer.digest, layer.size, "touched")
         return CopyOutcome(layer.digest, layer.size, "skipped")
