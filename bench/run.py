@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from bench import servers
+from bench.buildkit import against_buildkit, fixed_costs
 from bench.scenarios import SCENARIOS, Context, Row, Sizes
 from bench.stack import Cacheship, baseline_upload, bench_client, drop_prefix, new_prefix
 from tasks.settings import Settings
 from worker.embedded import start_redis
 
 KiB = 1024
+# The comparisons with BuildKit's exporter and the fixed costs run after the original ones.
+ALL_SCENARIOS = {**SCENARIOS, "buildkit": against_buildkit, "fixed": fixed_costs}
 
 
 def _log(message: str) -> None:
@@ -106,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         action="append",
-        choices=sorted(SCENARIOS),
+        choices=sorted(ALL_SCENARIOS),
         help="run only these scenarios (repeatable)",
     )
     parser.add_argument(
@@ -146,7 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.prune_size:
         blobs, names = (int(part) for part in args.prune_size.split(","))
         sizes.prune = (blobs, names)
-    chosen = args.only or list(SCENARIOS)
+    chosen = args.only or list(ALL_SCENARIOS)
     part_size = Settings().part_size
     rows: list[Row] = []
     info: dict[str, Any] = {"machine": machine(), "server": kind, "quick": args.quick}
@@ -188,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log=_log,
         )
         _warm_up(ctx)
-        for name in SCENARIOS:
+        for name in ALL_SCENARIOS:
             if name not in chosen:
                 continue
             _log(f"scenario {name}")
@@ -197,7 +200,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 cacheship.stop()
                 cacheship.start("mem")
                 _warm_up(ctx)
-            rows.extend(SCENARIOS[name](ctx))
+            rows.extend(ALL_SCENARIOS[name](ctx))
             for cache_dir in source_root.iterdir():
                 if cache_dir.name != "warmup":
                     shutil.rmtree(cache_dir, ignore_errors=True)

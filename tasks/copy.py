@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from tasks.cacheformat import Descriptor
-from tasks.ingester import BlobWriter, DigestMismatchError, stat, touch
+from tasks.ingester import BlobInfo, BlobWriter, DigestMismatchError, stat, touch
 from tasks.request import S3Spec
 
 if TYPE_CHECKING:
@@ -48,6 +48,11 @@ def _read(stream: BinaryIO, size: int) -> bytes | bytearray:
     return buffer
 
 
+def fresh(info: BlobInfo, touch_refresh: float) -> bool:
+    """A stored blob young enough to be skipped; older ones are touched (lifecycle rules)."""
+    return (datetime.now(UTC) - info.last_modified).total_seconds() < touch_refresh
+
+
 def copy_blob(
     open_source: Callable[[], AbstractContextManager[BinaryIO]],
     client: S3Client,
@@ -57,13 +62,19 @@ def copy_blob(
     head_forbidden: Literal["upload", "fail"] = "upload",
     min_part_size: int = 8 * CHUNK,
     progress: Callable[[int], None] = lambda done: None,
+    head: bool = True,
+    info: BlobInfo | None = None,
 ) -> CopyOutcome:
-    """Make ``target`` hold ``layer`` byte for byte; safe to run any number of times."""
+    """Make ``target`` hold ``layer`` byte for byte; safe to run any number of times.
+
+    ``head=False``: the caller has just HEADed the key and passes what it found as ``info``
+    (a HEAD per layer is most of the work of a warm export: never send two).
+    """
     key = target.blob_key(layer.digest)
-    info = stat(client, target.bucket, key, head_forbidden)
+    if head:
+        info = stat(client, target.bucket, key, head_forbidden)
     if info is not None and info.size == layer.size:
-        age = (datetime.now(UTC) - info.last_modified).total_seconds()
-        if age >= target.touch_refresh:
+        if not fresh(info, target.touch_refresh):
             touch(client, target.bucket, key, info.size)
             return CopyOutcome(layer.digest, layer.size, "touched")
         return CopyOutcome(layer.digest, layer.size, "skipped")

@@ -118,6 +118,13 @@ class Settings(BaseSettings):
         default="0.0.0.0",
         description="Address the Prometheus endpoint listens on (all interfaces by default).",
     )
+    pool: Literal["threads", "prefork", "solo"] = Field(
+        default="threads",
+        description=(
+            "Worker pool: threads (the default: copies wait on I/O, one process) or prefork "
+            "(a process per task: hard time limits, a killed child's layer requeued at once)."
+        ),
+    )
 
     def s3_client(self, spec: S3Spec) -> S3Client:
         """A client for the spec's bucket: its own endpoint and style, else these defaults."""

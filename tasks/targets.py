@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol
 
 from tasks.cacheformat import Descriptor
-from tasks.copy import CopyOutcome, copy_blob
+from tasks.copy import CopyOutcome, copy_blob, fresh
 from tasks.flight import lock_key, single_flight
 from tasks.ingester import open_uploads, stat
 from tasks.names import NameWrite, write_names
@@ -31,13 +32,24 @@ class Target(Protocol):
     """The ingester role of an export: blobs in, then names that reference them."""
 
     def copy_layer(
-        self, layer: Descriptor, open_source: OpenSource, progress: Callable[[int], None]
+        self,
+        layer: Descriptor,
+        open_source: OpenSource,
+        progress: Callable[[int], None],
+        known_absent: bool = False,
     ) -> CopyOutcome:
-        """Make the target hold ``layer`` byte for byte; safe to run any number of times."""
+        """Make the target hold ``layer`` byte for byte; safe to run any number of times.
+
+        ``known_absent``: a HEAD just found no blob (``survey``); do not ask again.
+        """
         ...
 
     def missing(self, layers: Sequence[Descriptor]) -> list[str]:
         """Digests of ``layers`` the target lacks (absent, or of the wrong size)."""
+        ...
+
+    def survey(self, layers: Sequence[Descriptor], parallelism: int = 16) -> dict[str, bool]:
+        """Digest -> True when stored as it is (nothing to do), False when absent."""
         ...
 
     def put_blob(self, desc: Descriptor, data: bytes) -> None:
@@ -74,9 +86,17 @@ class S3Target:
         self.on_wait = on_wait
 
     def copy_layer(
-        self, layer: Descriptor, open_source: OpenSource, progress: Callable[[int], None]
+        self,
+        layer: Descriptor,
+        open_source: OpenSource,
+        progress: Callable[[int], None],
+        known_absent: bool = False,
     ) -> CopyOutcome:
-        def copy() -> CopyOutcome:
+        key = self.spec.blob_key(layer.digest)
+        info = None if known_absent else stat(self.client, self.spec.bucket, key,
+                                              self.head_forbidden)
+
+        def copy(head: bool = True) -> CopyOutcome:
             return copy_blob(
                 open_source,
                 self.client,
@@ -85,12 +105,16 @@ class S3Target:
                 head_forbidden=self.head_forbidden,
                 min_part_size=self.min_part_size,
                 progress=progress,
+                head=head,
+                info=info,
             )
 
-        key = self.spec.blob_key(layer.digest)
-        info = stat(self.client, self.spec.bucket, key, self.head_forbidden)
         if info is not None and info.size == layer.size:
-            return copy()  # present: skipped or touched, no need to coordinate
+            return copy(head=False)  # present: skipped or touched, no need to coordinate
+        if layer.size <= self.min_part_size:
+            # One PutObject: a concurrent writer of this blob sends the same bytes in one
+            # atomic request, which costs no more than the lock's round trips would.
+            return copy(head=False)
         # Absent: upload under the blob's fleet-wide lock. A waiter finds the blob stored by
         # the holder when its turn comes (copy_blob HEADs first) and counts it as skipped.
         with single_flight(self.redis, lock_key(self.spec.bucket, key), on_wait=self.on_wait):
@@ -98,6 +122,35 @@ class S3Target:
 
     def missing(self, layers: Sequence[Descriptor]) -> list[str]:
         return missing_blobs(self.client, self.spec, layers, self.head_forbidden)
+
+    def survey(self, layers: Sequence[Descriptor], parallelism: int = 16) -> dict[str, bool]:
+        """Which ``layers`` need nothing (True) and which are absent (False), by HEAD.
+
+        True: stored with its size and too young to need a touch; BuildKit's exporter skips
+        those the same way. Layers left out (wrong size, due a touch, a HEAD that failed)
+        say nothing: their own task looks again, with its retries. ``parallelism`` HEADs
+        are in flight at once.
+        """
+
+        def look(layer: Descriptor) -> bool | None:
+            try:
+                info = stat(
+                    self.client, self.spec.bucket, self.spec.blob_key(layer.digest),
+                    self.head_forbidden,
+                )
+            except Exception:
+                return None
+            if info is None:
+                return False
+            if info.size == layer.size and fresh(info, self.spec.touch_refresh):
+                return True
+            return None
+
+        if not layers:
+            return {}
+        with ThreadPoolExecutor(max_workers=max(1, min(parallelism, len(layers)))) as pool:
+            found = list(pool.map(look, layers))
+        return {layer.digest: f for layer, f in zip(layers, found, strict=True) if f is not None}
 
     def put_blob(self, desc: Descriptor, data: bytes) -> None:
         put_blob(self.client, self.spec, desc, data)

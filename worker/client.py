@@ -11,23 +11,35 @@ result = client.wait(export_id)
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
-from celery import Celery, uuid
-from celery.result import AsyncResult
-
-from tasks.request import ExportRequest, LocalTargetSpec, parse_request
-from tasks.settings import Settings
 from tasks.state import alive_key, last_seen_key, outcomes_key
-from worker.app import configure
+from worker.message import encode, task_message
+
+if TYPE_CHECKING:
+    import redis
+    from celery import Celery
+    from celery.result import AsyncResult
+
+    from tasks.request import ExportRequest
+
+# Celery, boto3 and the settings are imported when first needed, not here: submitting an
+# export (the command line's common case) needs only the request models and redis-py.
 
 EXPORT_TASK = "cacheship.export"
 READY = frozenset({"SUCCESS", "FAILURE", "REVOKED", "LOST"})
 # Redis has no trace of the export: it was never submitted there, or Redis lost its data.
 LOST = "LOST"
+# tasks.settings' result_expires default (a unit test keeps them equal); the environment's
+# CACHESHIP_RESULT_EXPIRES wins, as it does for the workers.
+RESULT_EXPIRES = 7 * 24 * 3600
 
 
 def submitted_key(export_id: str) -> str:
@@ -37,6 +49,8 @@ def submitted_key(export_id: str) -> str:
 
 def export_title(request: ExportRequest) -> str:
     """The export's name in Flower: ``export /srv/caches/app → s3://ci-cache/ app;main``."""
+    from tasks.request import LocalTargetSpec
+
     source = request.source
     origin = source.src if hasattr(source, "src") else f"s3://{source.bucket}/{source.prefix}"
     target = request.target
@@ -140,23 +154,56 @@ class Client:
     """Talks to the workers through Redis only: the broker and the result backend."""
 
     def __init__(self, redis_url: str, queue: str = "cacheship") -> None:
-        self.app = Celery("cacheship-client")
-        configure(self.app, Settings(redis_url=redis_url, queue=queue))
+        self.redis_url = redis_url
+        self.queue = queue
+        self.result_expires = int(os.environ.get("CACHESHIP_RESULT_EXPIRES", RESULT_EXPIRES))
         self._exports: dict[str, _SeenExport] = {}
 
+    @cached_property
+    def app(self) -> Celery:
+        """A Celery app configured as the workers' (built on first use: it is slow to import)."""
+        from celery import Celery
+
+        from tasks.settings import Settings
+        from worker.app import configure
+
+        app = Celery("cacheship-client")
+        configure(app, Settings(redis_url=self.redis_url, queue=self.queue))
+        return app
+
+    @cached_property
+    def _publisher(self) -> redis.Redis:
+        """redis-py alone, retrying as Celery's publishes do (about 17 s: a Redis restart)."""
+        import redis
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
+
+        return redis.Redis.from_url(
+            self.redis_url,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), 12),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        )
+
     def submit(self, request: ExportRequest | dict[str, Any] | str) -> str:
-        """Validate here (fail fast, before anything is enqueued), then enqueue; returns the id."""
+        """Validate here (fail fast, before anything is enqueued), then enqueue; returns the id.
+
+        The submission marker and the task message go in one transaction (one round trip):
+        Redis never holds one without the other.
+        """
+        from tasks.request import ExportRequest, parse_request
+
         if not isinstance(request, ExportRequest):
             request = parse_request(request)
         body = request.model_dump(mode="json", by_alias=True)
-        export_id = uuid()
-        self._redis().set(
-            submitted_key(export_id), f"{time.time():.3f}", ex=self.app.conf.result_expires
+        export_id = str(uuid.uuid4())
+        message = task_message(
+            EXPORT_TASK, export_id, [body], self.queue, shadow=export_title(request)
         )
-        sent = self.app.send_task(
-            EXPORT_TASK, args=[body], task_id=export_id, shadow=export_title(request)
-        )
-        return str(sent.id)
+        with self._publisher.pipeline(transaction=True) as pipe:
+            pipe.set(submitted_key(export_id), f"{time.time():.3f}", ex=self.result_expires)
+            pipe.lpush(self.queue, encode(message))
+            pipe.execute()
+        return export_id
 
     def _redis(self) -> Any:
         return self.app.backend.client  # type: ignore[attr-defined]
@@ -172,7 +219,7 @@ class Client:
         )
 
     def _result(self, task_id: str) -> AsyncResult[Any]:
-        return AsyncResult(task_id, app=self.app)
+        return self.app.AsyncResult(task_id)
 
     def _seen(self, export_id: str) -> _SeenExport:
         seen = self._exports.pop(export_id, None) or _SeenExport()
@@ -366,14 +413,59 @@ class Client:
     def wait(
         self, export_id: str, timeout: float | None = None, interval: float = 0.5
     ) -> dict[str, Any]:
-        """The final result, or ExportError with the worker's message."""
+        """The final result, or ExportError with the worker's message.
+
+        Wakes as soon as the export's state changes (Celery's Redis backend publishes every
+        state it stores on the task's key); ``interval`` only bounds the wait between two
+        reads when no message comes (lost detection, a dropped subscription).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            snap = self.snapshot(export_id, with_steps=False)
-            if snap.state == "SUCCESS":
-                return snap.result or {}
-            if snap.state in READY:
-                raise ExportError(snap.error or snap.state)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"export {export_id} not finished after {timeout}s")
-            time.sleep(interval)
+        with self._woken_by(export_id) as pause:
+            while True:
+                snap = self.snapshot(export_id, with_steps=False)
+                if snap.state == "SUCCESS":
+                    return snap.result or {}
+                if snap.state in READY:
+                    raise ExportError(snap.error or snap.state)
+                now = time.monotonic()
+                if deadline is not None and now > deadline:
+                    raise TimeoutError(f"export {export_id} not finished after {timeout}s")
+                pause(interval if deadline is None else max(0.0, min(interval, deadline - now)))
+
+    @contextmanager
+    def _woken_by(self, task_id: str) -> Iterator[Callable[[float], None]]:
+        """``pause(seconds)``: returns early when a new state of ``task_id`` is published.
+
+        Subscribed before the first read, so no state stored in between is missed. Without
+        a subscription (the server refuses it, the connection drops) it sleeps instead.
+        """
+        import redis
+
+        key = self.app.backend.get_key_for_task(task_id)  # type: ignore[attr-defined]
+        pubsub: Any = None
+        try:
+            pubsub = self._redis().pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(key)
+        except (redis.RedisError, OSError):
+            pubsub = None
+
+        def pause(seconds: float) -> None:
+            nonlocal pubsub
+            if pubsub is None:
+                time.sleep(seconds)
+                return
+            started = time.monotonic()
+            try:
+                if pubsub.get_message(timeout=seconds) is not None:
+                    while pubsub.get_message(timeout=0) is not None:
+                        pass  # several states at once: one read covers them all
+            except (redis.RedisError, OSError):
+                pubsub = None
+                time.sleep(max(0.0, seconds - (time.monotonic() - started)))
+
+        try:
+            yield pause
+        finally:
+            if pubsub is not None:
+                with suppress(redis.RedisError, OSError):
+                    pubsub.close()

@@ -10,12 +10,14 @@ FAILURE with its reason, under its own name.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO, NoReturn
 
 from celery import Task
+from celery.states import SUCCESS
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
@@ -199,3 +201,36 @@ def cancelled(task: Task[Any, Any], export_id: str) -> str | None:
     if raw is None:
         return None
     return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def record_skipped(
+    task: Task[Any, Any], export_id: str, layers: list[tuple[str, int, str]], ttl: int
+) -> None:
+    """Layers found stored (digest, size, task id): their outcome and SUCCESS, one round trip.
+
+    What each one's ``copy_layer`` would have written had it run and found the blob: the
+    ``skipped`` record and a SUCCESS state under the layer's own task id, published like
+    any stored state, so status and callers read them the same way.
+    """
+    if not layers:
+        return
+    backend: Any = task.backend
+    record = {"action": "skipped", "bytes_sent": 0, "bytes_resumed": 0}
+    encoded = json.dumps(record, separators=(",", ":"))
+    outcomes = state.outcomes_key(export_id)
+    with backend.client.pipeline() as pipe:
+        for digest, size, task_id in layers:
+            pipe.hsetnx(outcomes, digest, encoded)
+            meta = backend._get_result_meta(
+                {"digest": digest, "size": size, **record}, SUCCESS, None, None
+            )
+            meta["task_id"] = task_id
+            key, value = backend.get_key_for_task(task_id), backend.encode(meta)
+            if backend.expires:
+                pipe.setex(key, backend.expires, value)
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)
+        pipe.expire(outcomes, ttl)
+        pipe.execute()
+

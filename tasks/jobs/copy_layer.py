@@ -52,7 +52,9 @@ def copy_layer(
     source: dict[str, Any],
     target: dict[str, Any],
     layer: dict[str, Any],
+    absent: bool = False,
 ) -> dict[str, Any]:
+    """``absent``: the export's HEAD found no blob; believed on the first run only."""
     config = settings()
     redis = redis_of(self)
     if cancelled(self, export_id) is not None:
@@ -93,7 +95,10 @@ def copy_layer(
     try:
         with metrics.layer_in_flight():
             outcome = store.copy_layer(
-                desc, lambda: open_blob(req.source, desc.digest, config), throttle
+                desc,
+                lambda: open_blob(req.source, desc.digest, config),
+                throttle,
+                known_absent=absent and not self.request.retries,
             )
     except PERMANENT as exc:
         store.abandon(desc.digest)

@@ -24,6 +24,7 @@ from tasks.jobs.common import (
     logger,
     mark_started,
     open_target,
+    record_skipped,
     redis_of,
     retry_or_fail,
     settings,
@@ -34,6 +35,9 @@ from tasks.plan import ExportPlan, plan_export
 from tasks.progress import PROGRESS, config_step, layer_step, manifest_step, now_iso
 from tasks.request import LocalSpec, LocalTargetSpec, S3Spec, parse_request
 from tasks.sources import local as local_source
+
+#: HEADs in flight while looking for layers already stored (BuildKit-like, quick on S3).
+SKIP_CHECK_PARALLELISM = 16
 
 
 def derived_id(export_id: str, what: str) -> str:
@@ -139,18 +143,40 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
         digests += [plan.config_desc.digest, plan.manifest_desc.digest]
         scope = registry.scope_of(req.target)
         registry.register(redis, scope, export_id, digests, ttl=config.result_expires)
+    # BuildKit's exporter HEADs each blob and skips those stored: so does this, for all
+    # layers at once, before any task is sent. A layer already stored as it is costs a HEAD
+    # and one pipelined write here instead of a task's broker round trips, states and
+    # events; every other layer gets its task. The survey only reads, and comes before the
+    # dispatch marker, so that a worker lost during it leaves the export to be redelivered
+    # and dispatched, not marked and stalled.
+    found = open_target(req.target, config, redis).survey(
+        plan.layers, parallelism=SKIP_CHECK_PARALLELISM
+    )
     if redis.set(f"cacheship-dispatched-{export_id}", "1", nx=True, ex=config.result_expires):
+        layer_ids = [step["task_id"] for step in steps[: len(plan.layers)]]
+        stored = [
+            (d.digest, d.size, tid)
+            for d, tid in zip(plan.layers, layer_ids, strict=True)
+            if found.get(d.digest)
+        ]
+        record_skipped(self, export_id, stored, config.result_expires)
+        for _, size, _ in stored:
+            metrics.layer_finished("skipped", 0, size, 0.0)
         header = [
-            copy_layer.s(export_id, source, target, layer).set(
-                task_id=step["task_id"], shadow=layer_title(layer["digest"], layer["size"])
-            )
-            for layer, step in zip(plan_json["layers"], steps, strict=False)
+            copy_layer.s(
+                export_id, source, target, layer, absent=found.get(layer["digest"]) is False
+            ).set(task_id=tid, shadow=layer_title(layer["digest"], layer["size"]))
+            for layer, tid in zip(plan_json["layers"], layer_ids, strict=True)
+            if not found.get(layer["digest"])
         ]
         body = finalize.s(export_id).set(
             task_id=derived_id(export_id, "finalize"),
             shadow=f"finalize {describe(req.target)}",
         )
-        chord(header, body).apply_async()
+        if header:
+            chord(header, body).apply_async()
+        else:
+            body.apply_async(([],))  # every layer is stored: straight to the names
         metrics.export_started()
     # The export stays PROGRESS: the chord's tasks write its final state (common.py).
     raise Ignore()

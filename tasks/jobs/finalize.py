@@ -61,15 +61,17 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
                                                 "current": current})
 
     try:
-        reported = {r["digest"] for r in results}
+        # A recorded outcome was written after the store itself confirmed the blob (upload
+        # completed, or HEAD found it with its size) during this export: only the others
+        # are checked again. Layers the export found stored sent no task: their record
+        # accounts for them.
+        outcomes = state.load_outcomes(redis, export_id)
+        reported = {r["digest"] for r in results} | set(outcomes)
         unaccounted = [d.digest for d in plan.layers if d.digest not in reported]
         if unaccounted:
             raise IncompleteCacheError(f"layers not copied: {', '.join(unaccounted[:5])}")
         publish("verifying", "checking every layer is stored")
-        # A recorded outcome was written after the store itself confirmed the blob (upload
-        # completed, or HEAD found it with its size) during this export: only the others
-        # are checked again.
-        outcomes = state.load_outcomes(redis, export_id)
+        # Only layers without a recorded outcome (the store confirmed those) are checked again.
         unconfirmed = [d for d in plan.layers if d.digest not in outcomes]
         if isinstance(target, S3Spec) and registry.deleted_since_registered(
             redis, registry.scope_of(target), export_id

@@ -84,10 +84,11 @@ class LocalTarget:
         layer: Descriptor,
         open_source: Callable[[], AbstractContextManager[BinaryIO]],
         progress: Callable[[int], None] = lambda done: None,
+        known_absent: bool = False,
     ) -> CopyOutcome:
         """Skip a blob already stored with its size, else stream it through the ingester."""
         self._prepare()
-        if present(self.directory, layer.digest, layer.size):
+        if not known_absent and present(self.directory, layer.digest, layer.size):
             return CopyOutcome(layer.digest, layer.size, "skipped")
         writer = LocalBlobWriter(self.directory, layer.digest, layer.size)
         try:
@@ -103,6 +104,10 @@ class LocalTarget:
     def missing(self, layers: Sequence[Descriptor]) -> list[str]:
         """Digests of layers absent, or present with another size."""
         return [d.digest for d in layers if not present(self.directory, d.digest, d.size)]
+
+    def survey(self, layers: Sequence[Descriptor], parallelism: int = 16) -> dict[str, bool]:
+        """Stored with its size (True) or not (False): a stat each, no threads needed."""
+        return {d.digest: present(self.directory, d.digest, d.size) for d in layers}
 
     def put_blob(self, desc: Descriptor, data: bytes) -> None:
         """The config or manifest blob, checked like any other."""

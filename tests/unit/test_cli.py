@@ -594,3 +594,30 @@ def test_narrow_terminals_get_short_digests() -> None:
     name = f"writing layer {LAYER_A}"
     assert display_name(name, 180) == name
     assert display_name(name, 100) == "writing layer sha256:aaaaaaaaaaaa"
+
+
+def test_the_client_keeps_results_as_long_as_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client marks submissions without importing the settings; same default, same env."""
+    from tasks.settings import Settings
+    from worker.client import Client
+
+    monkeypatch.delenv("CACHESHIP_RESULT_EXPIRES", raising=False)
+    assert Client("redis://127.0.0.1:1/0").result_expires == Settings().result_expires
+    monkeypatch.setenv("CACHESHIP_RESULT_EXPIRES", "3600")
+    assert Client("redis://127.0.0.1:1/0").result_expires == Settings().result_expires == 3600
+
+
+def test_help_and_export_import_neither_celery_nor_boto3() -> None:
+    """What keeps ``cacheship --help`` and ``cacheship export`` fast: no Celery, no boto3."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from worker.cli import main\n"
+        "main.get_command(None, 'export'); main.list_commands(None)\n"
+        "for name in main.list_commands(None): main.get_command(None, name)\n"
+        "print(sorted(m for m in ('celery', 'boto3', 'rich') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -7,22 +7,28 @@ is not sound, a server cannot be reached), 2 invalid command line or request, 13
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
 import click
 
 from worker.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, redact
-from worker.cli.config import config
-from worker.cli.demo import demo_command
-from worker.cli.export import export_command
-from worker.cli.prune import prune_command
-from worker.cli.schema import schema_command
-from worker.cli.status import status_command
-from worker.cli.verify import verify_command
-from worker.cli.worker import worker_command
 
 _state = {"debug": False}
+
+# Each command's module is imported only when that command runs (or --help lists it): a
+# command pays for its own imports (Celery, boto3, rich), not for every other command's.
+COMMANDS = {
+    "export": "worker.cli.export:export_command",
+    "status": "worker.cli.status:status_command",
+    "worker": "worker.cli.worker:worker_command",
+    "demo": "worker.cli.demo:demo_command",
+    "verify": "worker.cli.verify:verify_command",
+    "prune": "worker.cli.prune:prune_command",
+    "schema": "worker.cli.schema:schema_command",
+    "config": "worker.cli.config:config",
+}
 
 
 def _error(message: str) -> None:
@@ -42,6 +48,15 @@ def _describe(exc: BaseException) -> str:
 
 class CacheshipGroup(click.Group):
     """A group that reports errors as one line (or a traceback with ``--debug``)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*COMMANDS, *self.commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMANDS:
+            module, _, attr = COMMANDS[cmd_name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attr), cmd_name)
+        return self.commands.get(cmd_name)
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
@@ -85,16 +100,3 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     _state["debug"] = debug
-
-
-for command in (
-    export_command,
-    status_command,
-    worker_command,
-    demo_command,
-    verify_command,
-    prune_command,
-    schema_command,
-    config,
-):
-    main.add_command(command)

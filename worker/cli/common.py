@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from tasks.request import LocalSpec, RequestError, S3Spec, parse_spec
+if TYPE_CHECKING:
+    from tasks.request import LocalSpec, S3Spec
 
 #: Exit codes (the README lists them).
 EXIT_OK = 0
@@ -100,6 +101,8 @@ def check_redis(url: str, timeout: float = 5.0) -> None:
 
 def parse_option_spec(text: str, option: str, role: str) -> LocalSpec | S3Spec:
     """Parse a ``type=...`` option; errors name the option (``--to: target.bucket: ...``)."""
+    from tasks.request import RequestError, parse_spec
+
     try:
         return parse_spec(text, role)
     except RequestError as exc:

@@ -7,8 +7,6 @@ from typing import BinaryIO
 
 import click
 
-from tasks.cacheformat import FormatError, normalize
-
 
 @click.group()
 def config() -> None:
@@ -39,6 +37,8 @@ def normalize_command(ctx: click.Context, files: tuple[str, ...]) -> None:
     the canonical config JSON, or ``error: FILE: <what is wrong>``. The exit status is 0
     when every input was valid, 2 otherwise.
     """
+    from tasks.cacheformat import FormatError, normalize
+
     debug = bool((ctx.find_root().obj or {}).get("debug"))
     stdin = sys.stdin.buffer
     stdout = sys.stdout.buffer

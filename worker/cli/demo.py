@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from rich.console import Console
 
 from worker.cli.common import EXIT_FAILED, fail
 
@@ -18,6 +17,8 @@ def demo_command(keep: bool) -> None:
     """Start Redis, S3, a worker and Flower locally, export a sample BuildKit cache with live
     progress, verify it, and show how docker buildx would import it. Cleans up after itself.
     """
+    from rich.console import Console
+
     from worker.cli.watch import watch
     from worker.demo import DemoError, detach_output, run_demo
 

@@ -5,20 +5,10 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import click
-from rich.console import Console
 
-from tasks.request import (
-    ExportRequest,
-    LocalSpec,
-    LocalTargetSpec,
-    RequestError,
-    S3Spec,
-    parse_request,
-    parse_target,
-)
 from worker.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -39,12 +29,20 @@ from worker.cli.report import (
     summary_lines,
     took,
 )
-from worker.cli.watch import watch
-from worker.client import Client, Snapshot
+from worker.client import Client
+
+if TYPE_CHECKING:
+    from tasks.request import ExportRequest, LocalSpec, LocalTargetSpec, S3Spec
+    from worker.client import Snapshot
+
+# Rich, the request models and the watch view are imported where they are used: without
+# --wait the command needs the models and redis-py only, and returns within a quarter second.
 
 
 def _absolute(spec: LocalSpec | S3Spec) -> LocalSpec | S3Spec:
     """A relative ``src`` means the current directory here, not the worker's."""
+    from tasks.request import LocalSpec
+
     if isinstance(spec, LocalSpec) and not os.path.isabs(spec.src):
         return spec.model_copy(update={"src": os.path.abspath(spec.src)})
     return spec
@@ -52,6 +50,8 @@ def _absolute(spec: LocalSpec | S3Spec) -> LocalSpec | S3Spec:
 
 def _absolute_dest(spec: LocalTargetSpec | S3Spec) -> LocalTargetSpec | S3Spec:
     """A relative ``dest`` too."""
+    from tasks.request import LocalTargetSpec
+
     if isinstance(spec, LocalTargetSpec) and not os.path.isabs(spec.dest):
         return spec.model_copy(update={"dest": os.path.abspath(spec.dest)})
     return spec
@@ -67,6 +67,8 @@ def check_local_source(spec: LocalSpec | S3Spec, given: str, option: str) -> Non
     here) is checked to be a cache; anything else is left to the workers, whose error names
     the setting.
     """
+    from tasks.request import LocalSpec
+
     if not isinstance(spec, LocalSpec):
         return
     from tasks.settings import Settings
@@ -85,6 +87,8 @@ def check_local_source(spec: LocalSpec | S3Spec, given: str, option: str) -> Non
 
 def build_request(source: str | None, target: str | None, request: IO[str] | None) -> ExportRequest:
     """The request from ``--from``/``--to`` or from ``--request``; errors exit with 2."""
+    from tasks.request import LocalSpec, RequestError, parse_request, parse_target
+
     if request is not None:
         if source or target:
             fail("give --request, or --from and --to, not both", EXIT_USAGE)
@@ -137,6 +141,10 @@ def follow(
     from the moment the export is enqueued only stops the watching, and says how to pick
     it up again.
     """
+    from rich.console import Console
+
+    from worker.cli.watch import watch
+
     err = Console(stderr=True, highlight=False)
     try:
         if not as_json:

@@ -8,14 +8,11 @@ with 2 before anything is enqueued.
 from __future__ import annotations
 
 import time
-from typing import Any
+import uuid
+from typing import TYPE_CHECKING, Any
 
 import click
-from celery import uuid
-from celery.result import AsyncResult
 
-from tasks.prune import parse_prune_request
-from tasks.request import RequestError, S3Spec
 from worker.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -30,6 +27,12 @@ from worker.cli.export import connect
 from worker.cli.report import dumps
 from worker.client import Client, submitted_key
 
+if TYPE_CHECKING:
+    from celery.result import AsyncResult
+
+# Celery, boto3 and the request models are imported where they are used, so that listing
+# the commands (and --help) stays fast.
+
 PRUNE_TASK = "cacheship.prune"
 DONE = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
 
@@ -42,6 +45,9 @@ def build_request(
     dry_run: bool,
 ) -> dict[str, Any]:
     """The prune message, validated; errors exit with 2 and name the option."""
+    from tasks.prune import parse_prune_request
+    from tasks.request import RequestError, S3Spec
+
     spec = parse_option_spec(cache, "--cache", "cache")
     if not isinstance(spec, S3Spec):
         fail("--cache: only type=s3 caches can be pruned", EXIT_USAGE)
@@ -69,7 +75,7 @@ def build_request(
 
 def submit(client: Client, request: dict[str, Any]) -> str:
     """Enqueue on the workers' queue; Flower lists it as ``prune s3://bucket/prefix``."""
-    prune_id = uuid()
+    prune_id = str(uuid.uuid4())
     cache = request["cache"]
     client._redis().set(submitted_key(prune_id), "1", ex=client.app.conf.result_expires)
     client.app.send_task(
@@ -84,6 +90,8 @@ def submit(client: Client, request: dict[str, Any]) -> str:
 
 def follow(client: Client, prune_id: str, interval: float = 0.5) -> AsyncResult[Any]:
     """Wait for the end, printing each phase as it starts (stderr)."""
+    from celery.result import AsyncResult
+
     result: AsyncResult[Any] = AsyncResult(prune_id, app=client.app)
     shown = ""
     while True:

@@ -8,22 +8,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from tasks.request import LocalSpec, S3Spec
-from tasks.verify import (
-    BlobCheck,
-    VerifyReport,
-    cache_from_line,
-    verify_cache,
-    verify_local_cache,
-)
 from worker.cli.common import EXIT_FAILED, EXIT_USAGE, fail, human_bytes, parse_option_spec
 from worker.cli.report import dumps
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+    from tasks.request import S3Spec
+    from tasks.verify import BlobCheck, VerifyReport
+
+
+# boto3, rich and the checks are imported when the command runs (``cacheship --help`` lists
+# this command without them).
 
 
 def s3_client(spec: S3Spec) -> S3Client:
@@ -81,6 +78,12 @@ def verify_command(cache: str, deep: bool, as_json: bool) -> None:
     (each checked against its digest), parses the records and checks every layer blob.
     --deep also checks every blob's sha256.
     """
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from tasks.request import LocalSpec
+    from tasks.verify import cache_from_line, verify_cache, verify_local_cache
+
     spec = parse_option_spec(cache, "--cache", "cache")
     if isinstance(spec, LocalSpec):
         directory = Path(os.path.abspath(spec.src))
