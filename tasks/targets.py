@@ -111,12 +111,10 @@ class S3Target:
 
         if info is not None and info.size == layer.size:
             return copy(head=False)  # present: skipped or touched, no need to coordinate
-        if layer.size <= self.min_part_size:
-            # One PutObject: a concurrent writer of this blob sends the same bytes in one
-            # atomic request, which costs no more than the lock's round trips would.
-            return copy(head=False)
-        # Absent: upload under the blob's fleet-wide lock. A waiter finds the blob stored by
-        # the holder when its turn comes (copy_blob HEADs first) and counts it as skipped.
+        # Absent: upload under the blob's fleet-wide lock, small blobs too, so that the fleet
+        # sends each blob once. Holding it, look again (copy_blob HEADs first): a writer that
+        # held it meanwhile, or since the HEAD above, has stored the blob, and it counts as
+        # skipped.
         with single_flight(self.redis, lock_key(self.spec.bucket, key), on_wait=self.on_wait):
             return copy()
 

@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any, BinaryIO, NoReturn
 
 from celery import Task
@@ -218,13 +219,18 @@ def record_skipped(
     record = {"action": "skipped", "bytes_sent": 0, "bytes_resumed": 0}
     encoded = json.dumps(record, separators=(",", ":"))
     outcomes = state.outcomes_key(export_id)
+    done_at = datetime.now(UTC).isoformat()
     with backend.client.pipeline() as pipe:
         for digest, size, task_id in layers:
             pipe.hsetnx(outcomes, digest, encoded)
-            meta = backend._get_result_meta(
-                {"digest": digest, "size": size, **record}, SUCCESS, None, None
-            )
-            meta["task_id"] = task_id
+            meta: dict[str, Any] = {  # the fields Celery's Redis backend stores for a finished task
+                "status": SUCCESS,
+                "result": {"digest": digest, "size": size, **record},
+                "traceback": None,
+                "children": [],
+                "date_done": done_at,
+                "task_id": task_id,
+            }
             key, value = backend.get_key_for_task(task_id), backend.encode(meta)
             if backend.expires:
                 pipe.setex(key, backend.expires, value)

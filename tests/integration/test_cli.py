@@ -272,7 +272,7 @@ def test_the_redis_password_is_never_printed(env: dict[str, str], tmp_path: Path
         queued = cli(
             "export",
             "--from",
-            "type=local,src=/nowhere",
+            "type=s3,bucket=source-bucket,region=us-east-1",
             "--to",
             "type=s3,bucket=some-bucket",
             env={**env, "CACHESHIP_REDIS_URL": good},
