@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, BinaryIO, NoReturn
 
 from celery import Task
+from celery.signals import task_revoked
 from celery.states import SUCCESS
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
@@ -186,6 +187,40 @@ def _export_event(task: Task[Any, Any], export_id: str, kind: str, **fields: Any
     """A task event about the export's id (not the sending task's): Flower's row for it."""
     with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
         dispatcher.send(kind, uuid=export_id, **fields)
+
+
+@task_revoked.connect
+def _revoked_by_name(
+    sender: Any = None,
+    request: Any = None,
+    terminated: bool = False,
+    signum: Any = None,
+    expired: bool = False,
+    **_: Any,
+) -> None:
+    """Give Flower the readable name of a task the worker discarded as revoked.
+
+    A layer revoked while queued never sends ``task-received``, the only event carrying
+    its shadow name (``writing layer sha256:…``): Flower's row would keep the type's name
+    from ``task-sent`` (``cacheship.copy_layer``). A second ``task-revoked`` says the name.
+    """
+    shadow = getattr(request, "shadow", None)
+    task_id = getattr(request, "id", None)
+    if not shadow or not task_id or sender is None:
+        return
+    try:
+        hostname = getattr(request, "hostname", None)
+        with sender.app.events.default_dispatcher(hostname=hostname) as dispatcher:
+            dispatcher.send(
+                "task-revoked",
+                uuid=task_id,
+                name=shadow,
+                terminated=terminated,
+                signum=signum,
+                expired=expired,
+            )
+    except Exception as exc:  # a name in Flower is not worth failing the worker for
+        logger.warning("task %s: revoked event not sent: %s", task_id, exc)
 
 
 def _layer_task_ids(redis: Any, export_id: str) -> list[str]:
