@@ -1,4 +1,4 @@
-"""Progress of every step, as the metadata that tasks publish (format documented in README).
+"""Progress of every step, as the metadata that tasks publish (format: docs/progress.md).
 
 Step names are BuildKit's own progress items, so what an operator sees in Flower or on the
 command line reads like ``docker buildx build`` output.

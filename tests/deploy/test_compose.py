@@ -159,7 +159,7 @@ def test_worker_command_and_settings(
     assert settings.s3_endpoint_url == "http://minio:9000"
     assert settings.s3_use_path_style is True
     assert settings.allowed_buckets == [dotenv["CACHESHIP_BUCKET"]]
-    assert settings.source_roots == [Path(dotenv["CACHESHIP_SOURCES_DIR"])]
+    assert settings.source_roots == [Path(dotenv["CACHESHIP_SOURCE_ROOTS"])]
     # S3 credentials reach the AWS SDK the usual way: MinIO's account.
     assert env["AWS_ACCESS_KEY_ID"] == dotenv["MINIO_ROOT_USER"]
     assert env["AWS_SECRET_ACCESS_KEY"] == dotenv["MINIO_ROOT_PASSWORD"]

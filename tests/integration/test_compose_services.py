@@ -97,7 +97,7 @@ def test_compose_worker_and_flower_start_and_export(
         "redis:6379": f"127.0.0.1:{redis_with_password.port}",
         "minio:9000": f"127.0.0.1:{s3_for_compose.port}",
     }
-    environ = {"CACHESHIP_SOURCES_DIR": str(sources)}
+    environ = {"CACHESHIP_SOURCE_ROOTS": str(sources)}
     metrics_port = free_port()  # the compose file's 9808 may be taken on this host
     worker = service_process("worker", environ=environ).pointed_at(
         addresses,

@@ -71,7 +71,7 @@ def step_json(step: StepStatus) -> dict[str, Any]:
 
 
 def status_json(snap: Snapshot) -> dict[str, Any]:
-    """The document ``cacheship status --json`` prints (shape listed in the README)."""
+    """The document ``cacheship status --json`` prints (shape listed in docs/progress.md)."""
     return {
         "export_id": snap.export_id,
         "state": snap.state,
