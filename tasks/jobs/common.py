@@ -189,6 +189,41 @@ def _export_event(task: Task[Any, Any], export_id: str, kind: str, **fields: Any
         dispatcher.send(kind, uuid=export_id, **fields)
 
 
+def announce_skipped(
+    task: Task[Any, Any], layers: list[tuple[str, int, str, str]]
+) -> None:
+    """Flower rows for layers found stored (digest, size, task id, name), in one message.
+
+    They get no task, so no worker sends their events: these ``task-succeeded`` events
+    carry the name and result their task would have had. Buffered as one ``task.multi``
+    message, which Celery's event receivers (Flower's too) unpack, so a warm export of
+    thousands of layers costs one publish.
+    """
+    if not layers:
+        return
+    try:
+        with task.app.connection_for_write() as connection:
+            dispatcher = task.app.events.Dispatcher(
+                connection,
+                hostname=task.request.hostname,
+                buffer_group=["task"],
+                buffer_limit=len(layers) + 1,
+            )
+            try:
+                for digest, size, task_id, name in layers:
+                    result = {"digest": digest, "size": size, "action": "skipped",
+                              "bytes_sent": 0, "bytes_resumed": 0}
+                    dispatcher.send(
+                        "task-succeeded", uuid=task_id, name=name, result=repr(result),
+                        runtime=0.0,
+                    )
+                dispatcher.flush()
+            finally:
+                dispatcher.close()
+    except Exception as exc:  # rows in Flower are not worth failing the export for
+        logger.warning("skipped layers: events not sent: %s", exc)
+
+
 @task_revoked.connect
 def _revoked_by_name(
     sender: Any = None,

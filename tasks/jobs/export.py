@@ -19,6 +19,7 @@ from tasks.cacheformat import EmptyCacheError
 from tasks.jobs.common import (
     PERMANENT,
     ExportFailed,
+    announce_skipped,
     check_allowed,
     load_source,
     logger,
@@ -160,6 +161,9 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
             if found.get(d.digest)
         ]
         record_skipped(self, export_id, stored, config.result_expires)
+        announce_skipped(
+            self, [(digest, size, tid, layer_title(digest, size)) for digest, size, tid in stored]
+        )
         for _, size, _ in stored:
             metrics.layer_finished("skipped", 0, size, 0.0)
         header = [

@@ -252,11 +252,22 @@ def test_flower_shows_layer_progress_in_a_browser(
             }
         )
         assert client.wait(again_id, timeout=120)["status"] == "complete"
+        # Once more with the defaults: the export finds the blob stored and sends no task.
+        warm_id = client.submit(
+            {
+                "source": {"type": "local", "src": str(big.path)},
+                "target": {"type": "s3", "bucket": bucket, "name": "app"},
+            }
+        )
+        assert client.wait(warm_id, timeout=120)["layers_skipped"] == 1
     touch_task = derived_id(again_id, layer.digest)
+    skip_task = derived_id(warm_id, layer.digest)
 
     # Once finished, through Flower's API: the export's row is the export, and SUCCESS.
     tasks = wait_until(
-        lambda: finished_tasks(flower, {export_id, layer_task, again_id, touch_task}),
+        lambda: finished_tasks(
+            flower, {export_id, layer_task, again_id, touch_task, warm_id, skip_task}
+        ),
         "Flower to show both exports and their layers finished",
     )
     ours = tasks[export_id]
@@ -282,6 +293,11 @@ def test_flower_shows_layer_progress_in_a_browser(
     assert "'action': 'touched'" in touched["result"], touched
     assert f"'size': {layer.size}" in touched["result"], touched
     assert "'bytes_sent': 0" in touched["result"], touched
+    skipped = tasks[skip_task]
+    assert skipped["name"] == title, skipped
+    assert skipped["state"] == "SUCCESS", skipped
+    assert "'action': 'skipped'" in skipped["result"], skipped
+    assert f"'size': {layer.size}" in skipped["result"], skipped
 
     # The same in the browser: the finished list, the export's page, the layer's page.
     listing = browser.dom(flower.page("/tasks"), wait_ms=8000)
@@ -305,6 +321,8 @@ def test_flower_shows_layer_progress_in_a_browser(
     )
     touched_page = text_of(browser.dom(flower.page(f"/task/{touch_task}")))
     assert title in touched_page and "'action': 'touched'" in touched_page, touched_page
+    skipped_page = text_of(browser.dom(flower.page(f"/task/{skip_task}")))
+    assert title in skipped_page and "'action': 'skipped'" in skipped_page, skipped_page
 
 
 def test_flower_shows_a_failed_export_and_its_revoked_layers(
