@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from tasks.state import alive_key, last_seen_key, outcomes_key
+from tasks.state import alive_key, last_seen_key, outcomes_key, plan_key
 from worker.message import encode, task_message
 
 if TYPE_CHECKING:
@@ -141,6 +141,7 @@ class _SeenExport:
     meta: dict[str, Any] = field(default_factory=lambda: dict(PENDING_META))
     settled: dict[str, dict[str, Any]] = field(default_factory=dict)
     outcomes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    steps: list[dict[str, Any]] = field(default_factory=list)  # the last list seen
 
 
 def _epoch(value: Any) -> float | None:
@@ -271,7 +272,12 @@ class Client:
         snap.phase = str(meta.get("phase", meta.get("status", "")))
         snap.current = str(meta.get("current") or "")
         if with_steps:
-            steps = meta.get("steps", [])
+            steps = meta.get("steps") or []
+            if steps:
+                seen.steps = steps
+            elif state == "FAILURE":
+                # A failed export's state is its error: its steps are the ones it announced.
+                steps = seen.steps or self._planned_steps(export_id)
             names = [s["name"] for s in steps]
             current = meta.get("current")
             # finalize writes config, manifest, then the names: earlier ones are done
@@ -288,6 +294,15 @@ class Client:
             if not snap.ready:
                 self._mark_lost_workers(snap.steps)
         return snap
+
+    def _planned_steps(self, export_id: str) -> list[dict[str, Any]]:
+        """The steps the export stored with its plan (kept when it fails), else none."""
+        try:
+            raw = self._redis().get(plan_key(export_id))
+        except Exception:
+            return []
+        steps = json.loads(raw).get("steps", []) if raw else []
+        return steps if isinstance(steps, list) else []
 
     def _mark_lost_workers(self, steps: list[StepStatus]) -> None:
         """Say which running layers sit on a worker that is gone, and since when.
@@ -393,12 +408,12 @@ class Client:
             item.bytes_done, item.status = item.size, str(outcome.get("action", "done"))
         elif item.state == "STARTED":
             item.status = "copying"  # a worker took it (a small layer publishes nothing else)
+        elif item.state in ("FAILURE", "RETRY"):  # info: the exception, as a dict
+            item.error = _error_text(info)
+            item.status = "failed" if item.state == "FAILURE" else "retrying"
         elif isinstance(info, dict):
             item.bytes_done = int(info.get("bytes_done", 0))
             item.status = str(info.get("status", item.status))
-        elif item.state in ("FAILURE", "RETRY"):
-            item.error = _error_text(info)
-            item.status = "failed" if item.state == "FAILURE" else "retrying"
         return item
 
     def progress(self, export_id: str, interval: float = 0.5) -> Iterator[Snapshot]:

@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 from celery import Task, shared_task
 from celery.exceptions import Ignore
+from celery.states import FAILURE
 
 from tasks import metrics, state
 from tasks.cacheformat import Descriptor
@@ -123,9 +124,15 @@ def copy_layer(
 
 
 def _fail(task: Task[Any, Any], export_id: str, message: str) -> NoReturn:
-    """This layer failed for good: so has its export (and the layers still queued)."""
+    """This layer failed for good: so has its export (and the layers still queued).
+
+    The layer's own FAILURE is stored before the export's (Celery stores it again as the
+    exception leaves the task): whoever sees the export failed finds the layer failed too.
+    """
+    failure = ExportFailed(message)
+    task.backend.store_result(str(task.request.id), failure, FAILURE)
     finish_export(task, export_id, None, message)
-    raise ExportFailed(message) from None
+    raise failure from None
 
 
 __all__ = ["copy_layer", "layer_title"]

@@ -111,7 +111,9 @@ def test_the_terminal_view_of_hundreds_of_layers(
     assert failure_seen_at < len(run.screens) - 1
     # the end: the failure counted and named (layers still queued when the chord gave up
     # are counted as such by the summary line checked above)
-    assert re.search(rf"^layers .* \d+/{LAYERS}\b.*, 1 failed$", final, re.M), final
+    # layers revoked when the export failed are cancelled, not failures of their own
+    summary = rf"^layers .* \d+/{LAYERS}\b.*, 1 failed(, \d+ cancelled)?$"
+    assert re.search(summary, final, re.M), final
     assert "error: export " in final and bad.digest in final
     assert "does not match" in final
 
@@ -197,7 +199,10 @@ def test_refusals_are_one_warning_line_in_the_workers_log(
     refused = [line for line in log.splitlines() if " refused: " in line]
     assert len(refused) >= 4, log
     assert all("WARNING" in line for line in refused), refused
-    assert any("cacheship.export[" in line and "CACHESHIP_SOURCE_ROOTS" in line for line in refused)
+    assert any(
+        f"] export {elsewhere} → " in line and "CACHESHIP_SOURCE_ROOTS" in line
+        for line in refused
+    ), refused
     assert any(cache.layers[1].digest in line for line in refused), refused
     assert "raised unexpected" not in log
     assert "Traceback" not in log
@@ -219,7 +224,10 @@ def test_a_poll_costs_the_same_round_trips_whatever_the_number_of_finished_layer
     workers(env, concurrency=2)
     client = Client(redis_server.url)
     export_id = client.submit(
-        {"source": {"type": "local", "src": str(cache.path)}, "target": {"bucket": bucket}}
+        {
+            "source": {"type": "local", "src": str(cache.path)},
+            "target": {"type": "s3", "bucket": bucket},
+        }
     )
     client.wait(export_id, timeout=300)
     conn = redis.Redis.from_url(redis_server.url)

@@ -99,6 +99,21 @@ def test_short_screens_and_many_failures_keep_failures_first() -> None:
     assert f"cacheship status {EXPORT_ID}" in "\n".join(lines)
 
 
+def test_layers_revoked_after_a_failure_are_cancelled_not_failed() -> None:
+    tracker = Tracker(EXPORT_ID)
+    steps = [layer(0, "SUCCESS", "uploaded"), layer(1, "FAILURE", "failed", error="boom")]
+    steps += [layer(i, "REVOKED") for i in range(2, 200)]
+    tracker.update(snap(steps + documents(), state="FAILURE", phase="failed"), 0.0)
+    lines = text(screen(tracker, 120, 30))
+    assert "1/200  1 uploaded, 0 skipped, 1 failed, 198 cancelled" in lines[1], lines
+    rows = [line for line in lines if line.startswith("  writing layer ")]
+    assert [row for row in rows if "failed" in row] == [rows[0]]
+    assert digest(1)[:19] in rows[0]
+    [rest] = [line for line in lines if line.startswith("  … ")]
+    assert rest == "  … 198 more layers: 198 cancelled", rest
+    assert tracker.phase() == "failed"
+
+
 def test_phases_read_right_from_the_first_poll() -> None:
     def headline(*snaps: Snapshot) -> str:
         tracker = Tracker(EXPORT_ID)

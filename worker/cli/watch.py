@@ -29,7 +29,9 @@ from worker.client import Snapshot, StepStatus
 
 ACTIONS = frozenset({"uploaded", "skipped", "touched"})
 RUNNING = frozenset({"STARTED", "PROGRESS", "RECEIVED"})
-FAILED = frozenset({"FAILURE", "REVOKED", "LOST"})
+FAILED = frozenset({"FAILURE", "LOST"})
+#: A layer revoked once its export failed: not copied, and not a failure of its own.
+CANCELLED = "REVOKED"
 QUEUED_HINT_AFTER = 15.0
 PLAIN_PROGRESS_EVERY = 10.0
 #: Seconds of history behind a speed: long enough to smooth small layers finishing in
@@ -82,8 +84,16 @@ class StepView:
         return self.state in FAILED
 
     @property
+    def cancelled(self) -> bool:
+        return self.state == CANCELLED
+
+    @property
+    def settled(self) -> bool:
+        return self.done or self.failed or self.cancelled
+
+    @property
     def running(self) -> bool:
-        return not self.done and not self.failed and self.state in RUNNING | {"RETRY"}
+        return not self.settled and self.state in RUNNING | {"RETRY"}
 
     @property
     def action(self) -> str:
@@ -108,6 +118,8 @@ class StepView:
         """One phrase for a row: the error itself is printed once the view ends."""
         if self.failed:
             return "failed"
+        if self.cancelled:
+            return "cancelled"
         if self.done:
             return self.action
         if self.state == "RETRY":
@@ -124,6 +136,8 @@ class StepView:
     def mark(self) -> str:
         if self.failed:
             return f"failed: {self.error}" if self.error else "failed"
+        if self.cancelled:
+            return "cancelled: the export failed"
         if self.done:
             return _MARKS[self.action]
         if self.state == "RETRY":
@@ -162,6 +176,7 @@ class Counts:
     layers: int = 0
     done: int = 0
     failed: int = 0
+    cancelled: int = 0
     running: int = 0
     retrying: int = 0
     uploaded: int = 0
@@ -172,7 +187,7 @@ class Counts:
 
     @property
     def queued(self) -> int:
-        return self.layers - self.done - self.failed - self.running
+        return self.layers - self.done - self.failed - self.cancelled - self.running
 
 
 @dataclass
@@ -206,7 +221,7 @@ class Tracker:
                 if not view.done and not view.failed:
                     view.state, view.bytes_done = "SUCCESS", view.size
                     events.extend(self._finish(view, now, "done"))
-        elif snap.state in FAILED:
+        elif snap.state in FAILED or snap.state == CANCELLED:
             # A failed finalize stops at the document it was writing.
             for view in self.steps.values():
                 if view.kind != "layer" and view.running:
@@ -229,6 +244,8 @@ class Tracker:
                     setattr(counts, view.action, getattr(counts, view.action) + 1)
             elif view.failed:
                 counts.failed += 1
+            elif view.cancelled:
+                counts.cancelled += 1
             elif view.running:
                 counts.running += 1
                 counts.retrying += view.state == "RETRY"
@@ -241,7 +258,7 @@ class Tracker:
         if view is None:
             view = StepView(status.name, status.kind, status.digest, status.size)
             self.steps[status.name] = view
-        elif view.done or (view.failed and status.state == view.state):
+        elif view.done or view.cancelled or (view.failed and status.state == view.state):
             return []  # settled: nothing more to learn
         was_done, was_failed, was_running = view.done, view.failed, view.running
         was_state = view.state
@@ -312,11 +329,11 @@ class Tracker:
             return "connecting"
         if snap.state == "SUCCESS":
             return "complete"
-        if snap.state in FAILED:
+        if snap.state in FAILED or snap.state == CANCELLED:
             return "failed"
         if not self.steps:
             return "queued" if snap.state == "PENDING" else "reading"
-        if self.counts.done + self.counts.failed < self.counts.layers:
+        if self.counts.done + self.counts.failed + self.counts.cancelled < self.counts.layers:
             return "copying"
         return snap.phase if snap.phase in ("verifying", "writing") else "writing"
 
@@ -392,6 +409,8 @@ def aggregate_line(tracker: Tracker) -> str:
         parts.append(f"ETA {clock(eta)}")
     if counts.failed:
         parts.append(f"{counts.failed} failed")
+    if counts.cancelled:
+        parts.append(f"{counts.cancelled} cancelled")
     return ", ".join(parts)
 
 
@@ -457,6 +476,7 @@ class PlainView:
 _BAR = "━"
 _STYLES = {
     "failed": "red",
+    "cancelled": "bright_black",
     "uploaded": "green",
     "done": "green",
     "skipped": "cyan",
@@ -561,6 +581,8 @@ def screen(tracker: Tracker, width: int, height: int) -> list[Text]:
         detail.append(f"{counts.running} running")
     if counts.failed:
         detail.append(f"{counts.failed} failed")
+    if counts.cancelled:
+        detail.append(f"{counts.cancelled} cancelled")
     total = str(counts.layers) if tracker.steps else "?"
     lines.append(
         Text.assemble(
@@ -609,6 +631,7 @@ def screen(tracker: Tracker, width: int, height: int) -> list[Text]:
                 (counts.running - shown_running, "running"),
                 (counts.done - shown_done, "done"),
                 (counts.failed - shown_failed - hidden_failures, "failed"),
+                (counts.cancelled - sum(1 for v in rows if v.cancelled), "cancelled"),
             )
             if n > 0
         ]
