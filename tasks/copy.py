@@ -87,6 +87,7 @@ def copy_blob(
         layer.size,
         min_part_size=min_part_size,
         parallelism=target.upload_parallelism,
+        on_progress=progress,
     )
     # Whole parts per read, into bytearrays: the writer then sends each one without a copy.
     read_size = CHUNK if writer.single else writer.part_size
@@ -94,7 +95,8 @@ def copy_blob(
         with open_source() as stream:
             while chunk := _read(stream, read_size):
                 writer.write(chunk)
-                progress(writer.offset)
+                # What the store holds: reading runs ahead by the parts in flight.
+                progress(writer.stored if not writer.single else writer.offset)
         writer.commit(layer.size, layer.digest)
     except DigestMismatchError:
         raise

@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -151,8 +153,15 @@ class BlobWriter:
         *,
         min_part_size: int = 8 * MiB,
         parallelism: int = 4,
+        on_progress: Callable[[int], None] = lambda stored: None,
+        tick: float = 0.5,
     ) -> None:
+        """``on_progress`` gets the bytes stored so far, from the writing thread, at least
+        every ``tick`` seconds while it waits for parts in flight (so a caller can report
+        progress of the upload, not of the reading, which runs ahead by the parts in flight).
+        """
         self.client, self.bucket, self.key = client, bucket, key
+        self.on_progress, self.tick = on_progress, tick
         self.expected_digest, self.expected_size = expected_digest, expected_size
         self.part_size = part_size_for(expected_size, min_part_size)
         self.single = expected_size <= self.part_size
@@ -184,6 +193,11 @@ class BlobWriter:
             return
         created = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)
         self._upload_id = created["UploadId"]
+
+    @property
+    def stored(self) -> int:
+        """Bytes the store holds so far: parts sent and acknowledged, or found stored."""
+        return self.bytes_sent + self.bytes_resumed
 
     @property
     def offset(self) -> int:
@@ -226,7 +240,8 @@ class BlobWriter:
                 self.bytes_resumed += len(chunk)
                 return
         self._raise_failed_part()
-        self._slots.acquire()
+        while not self._slots.acquire(timeout=self.tick):
+            self.on_progress(self.stored)
         assert self._pool is not None
         self._futures.append(self._pool.submit(self._send_part, number, chunk))
 
@@ -321,7 +336,13 @@ class BlobWriter:
     def _wait_parts(self) -> None:
         try:
             for future in self._futures:
-                future.result()
+                while True:
+                    try:
+                        future.result(timeout=self.tick)
+                        break
+                    except FutureTimeout:
+                        self.on_progress(self.stored)
+                self.on_progress(self.stored)
         finally:
             self._futures.clear()
 

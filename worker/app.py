@@ -121,6 +121,11 @@ def _patient_redis(**_: Any) -> None:
     chord's counting use the backend's Redis client directly, whose connections retry a
     command once, at once. Give them a backoff that spans a restart.
     """
-    client: Any = getattr(app.backend, "client", None)  # the Redis backend's client
+    make_patient(app)
+
+
+def make_patient(celery_app: Celery) -> None:
+    """Give the result backend's Redis client a backoff that spans a Redis restart."""
+    client: Any = getattr(celery_app.backend, "client", None)  # the Redis backend's client
     if client is not None:
         client.set_retry(Retry(ExponentialBackoff(cap=2.0, base=0.1), REDIS_RETRIES))

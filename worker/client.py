@@ -166,10 +166,12 @@ class Client:
         from celery import Celery
 
         from tasks.settings import Settings
-        from worker.app import configure
+        from worker.app import configure, make_patient
 
         app = Celery("cacheship-client")
         configure(app, Settings(redis_url=self.redis_url, queue=self.queue))
+        # Reads go to Redis directly (pipelines, MGET): let them ride out a restart too.
+        make_patient(app)
         return app
 
     @cached_property

@@ -26,7 +26,6 @@ from tests.integration.test_export import assert_sound_cache
 from tests.integration.test_faults import (
     MiB,
     Supervisor,
-    busy_layers,
     keys,
     layer_task_id,
     local,
@@ -192,7 +191,7 @@ def test_redis_restarted_empty_makes_every_waiting_command_fail_fast(
         [CACHESHIP, "status", export_id, "--wait"],
         env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    while not busy_layers(client, export_id, cache):
+    while not copying_on(client, export_id, cache):
         assert time.monotonic() < deadline, "no layer was ever being copied"
         time.sleep(0.1)
     fresh = restart_redis(redis_server)

@@ -170,7 +170,10 @@ def test_a_killed_pool_process_stops_counting_as_in_flight(
     source_root: Path,
 ) -> None:
     big = write_sample_cache(source_root / "big", [64 * MiB], seed=5)
-    wenv, port = metrics_env({**env, "CACHESHIP_PART_SIZE": str(5 * MiB)})
+    # Pool processes exist with the prefork pool only (the threads pool is one process).
+    wenv, port = metrics_env(
+        {**env, "CACHESHIP_PART_SIZE": str(5 * MiB), "CACHESHIP_POOL": "prefork"}
+    )
     worker = workers(wenv, concurrency=1)
     export_id = client.submit(
         {
