@@ -7,7 +7,8 @@ duplicated base-image roots, re-exported records and repeated layer entries, all
 as a config on disk would be. It is the S3 layout (layer annotations included), read as
 ``cacheship config normalize`` reads it.
 
-Run: ``.venv/bin/python bench/normalize.py [--records N] [--layers N] [--json]``.
+Run: ``.venv/bin/python bench/normalize.py [--records N] [--layers N] [--json]``
+(``--input FILE`` normalises that config file instead).
 The input is generated in a child process so that the peak RSS reported is the
 normaliser's (plus the input bytes), not the generator's.
 """
@@ -210,6 +211,18 @@ def run(data: bytes, *, trace: bool) -> dict[str, Any]:
     return report
 
 
+def _generate_apart(args: argparse.Namespace) -> bytes:
+    """The config generated in a child process (its memory is not this process's peak)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "config.json")
+        size = ["--records", str(args.records), "--layers", str(args.layers)]
+        subprocess.run(
+            [sys.executable, __file__, *size, "--seed", str(args.seed), "--write", path],
+            check=True,
+        )
+        return Path(path).read_bytes()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=100_000)
@@ -222,6 +235,7 @@ def main() -> None:
         help="also report Python's allocation peak (slower: timings are inflated)",
     )
     parser.add_argument("--write", metavar="FILE", help=argparse.SUPPRESS)
+    parser.add_argument("--input", metavar="FILE", help="normalise this config file instead")
     args = parser.parse_args()
 
     if args.write:
@@ -229,24 +243,7 @@ def main() -> None:
         Path(args.write).write_bytes(json.dumps(config, separators=(",", ":")).encode())
         return
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "config.json")
-        subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--records",
-                str(args.records),
-                "--layers",
-                str(args.layers),
-                "--seed",
-                str(args.seed),
-                "--write",
-                path,
-            ],
-            check=True,
-        )
-        data = Path(path).read_bytes()
+    data = Path(args.input).read_bytes() if args.input else _generate_apart(args)
     report = run(data, trace=args.tracemalloc)
     if args.json:
         print(json.dumps(report))

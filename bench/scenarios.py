@@ -446,32 +446,49 @@ print(best)
 """
 
 
+# A binary normalising a config file with BuildKit's own cache/remotecache/v1 code.
+BUILDKIT_NORMALIZE = "CACHESHIP_BENCH_BUILDKIT_NORMALIZE"
+
+
+def _json_line(argv: list[str]) -> dict[str, Any]:
+    done = subprocess.run(argv, check=True, capture_output=True, text=True)
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
 def normalize(ctx: Context) -> list[Row]:
-    """Scenario 6 runs the format benchmark (``bench/normalize.py``) as it is, as a script.
+    """Scenario 6 runs the format benchmark (``bench/normalize.py``) as a script.
 
     Its total (decode, graph, marshal, encode) is set against the raw floor for the same
-    bytes: ``json.loads`` then ``json.dumps`` of the same config, with no model at all.
+    bytes, ``json.loads`` then ``json.dumps`` with no model at all, and against BuildKit's
+    own Go code normalising the same file (``CACHESHIP_BENCH_BUILDKIT_NORMALIZE``), the
+    two sides alternating.
     """
     script = Path(__file__).with_name("normalize.py")
     records, layers = (2_000, 1_000) if ctx.sizes.smoke else (100_000, 50_000)
     name = f"6 normalise {records // 1000}k-record config"
+    go_name = f"6 normalise {records // 1000}k vs BuildKit (Go)"
     if not script.exists():
         return [Row(name, "s", None, None, None, "-", None, "bench/normalize.py is not there")]
-    size = ["--records", str(records), "--layers", str(layers)]
-    runs: list[float] = []
-    report: dict[str, Any] = {}
-    for _ in range(ctx.sizes.runs):
-        done = subprocess.run(
-            [sys.executable, str(script), *size, "--json"],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        report = json.loads(done.stdout.strip().splitlines()[-1])
-        runs.append(_wall(report["total_seconds"]))
-        ctx.log(f"  normalise: {runs[-1]:.2f}s")
     config = ctx.scratch / "normalize-config.json"
+    size = ["--records", str(records), "--layers", str(layers)]
     subprocess.run([sys.executable, str(script), *size, "--write", str(config)], check=True)
+    binary = os.environ.get(BUILDKIT_NORMALIZE)
+    sides = ["cacheship", "buildkit"] if binary else ["cacheship"]
+    runs: list[float] = []
+    go_runs: list[float] = []
+    report: dict[str, Any] = {}
+    go_report: dict[str, Any] = {}
+    for i in range(ctx.sizes.runs):
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            if side == "cacheship":
+                report = _json_line([sys.executable, str(script), "--input", str(config), "--json"])
+                runs.append(_wall(report["total_seconds"]))
+                ctx.log(f"  normalise: {runs[-1]:.2f}s")
+            else:
+                go_report = _json_line([str(binary), str(config)])
+                go_runs.append(min(float(s) for s in go_report["seconds"]))
+                ctx.log(f"  normalise, BuildKit (Go): {go_runs[-1]:.2f}s")
     floor = subprocess.run(
         [sys.executable, "-c", _JSON_BASELINE, str(config), str(max(1, ctx.sizes.runs))],
         check=True,
@@ -481,7 +498,8 @@ def normalize(ctx: Context) -> list[Row]:
     config.unlink()
     baseline = float(floor.stdout.strip())
     ours = _median(runs)
-    return [
+    phases = ", ".join(f"{k} {_wall(v):.2f}s" for k, v in report.get("seconds", {}).items())
+    rows = [
         Row(
             scenario=name,
             unit="s",
@@ -492,13 +510,45 @@ def normalize(ctx: Context) -> list[Row]:
             passed=None,
             notes=(
                 f"baseline = json.loads + json.dumps of the same "
-                f"{report.get('input_bytes', 0) / MiB:.0f} MiB; phases "
-                + ", ".join(f"{k} {_wall(v):.2f}s" for k, v in report.get("seconds", {}).items())
-                + f"; peak RSS {report.get('peak_rss_mib')} MiB"
+                f"{report.get('input_bytes', 0) / MiB:.0f} MiB; phases {phases}"
+                f"; peak RSS {report.get('peak_rss_mib')} MiB"
             ),
             detail={"runs": runs, "report": report},
         )
     ]
+    if not go_runs:
+        note = f"not measured: set {BUILDKIT_NORMALIZE}"
+        rows.append(Row(go_name, "s", None, None, None, "<= 1.00", None, note))
+        return rows
+    theirs = _median(go_runs)
+    ratio = _ratio(ours, theirs)
+    same = go_report.get("digest") == report.get("digest")
+    order = ["decode", "descriptors", "parse", "marshal", "encode"]
+    go_phases = ", ".join(
+        f"{k} {float(v):.2f}s"
+        for k, v in sorted(
+            go_report.get("phases", {}).items(),
+            key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order),
+        )
+    )
+    rows.append(
+        Row(
+            scenario=go_name,
+            unit="s",
+            cacheship=ours,
+            baseline=theirs,
+            ratio=ratio,
+            target="<= 1.00",
+            passed=ratio is not None and ratio <= 1.0,
+            notes=(
+                f"baseline = BuildKit's decode -> ParseConfig -> Marshal -> json.Marshal of the "
+                f"same file ({go_report.get('go', 'Go')}); its phases {go_phases}; output "
+                + ("identical" if same else f"differs: {go_report.get('digest')}")
+            ),
+            detail={"runs": go_runs, "report": go_report, "same_output": same},
+        )
+    )
+    return rows
 
 
 def prune(ctx: Context) -> list[Row]:
