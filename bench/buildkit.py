@@ -96,8 +96,8 @@ def against_buildkit(ctx: Context) -> list[Row]:
     for label, (count, size) in (("big", big), ("small", small)):
         unit = f"{size // MiB} MiB" if size >= MiB else f"{size // KiB} KiB"
         cache = ctx.cache(f"bk-{label}", [size] * count)
-        rows.append(_empty(ctx, f"7 vs BuildKit: {label} {count}x{unit}, empty bucket", cache))
-        rows.append(_present(ctx, f"7 vs BuildKit: {label} {count}x{unit}, all present", cache))
+        rows.append(_empty(ctx, f"9 vs BuildKit: {label} {count}x{unit}, empty bucket", cache))
+        rows.append(_present(ctx, f"9 vs BuildKit: {label} {count}x{unit}, all present", cache))
     return rows
 
 

@@ -15,7 +15,6 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tasks.request import S3Spec
-from tasks.s3client import S3Endpoint, client_for
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -128,6 +127,8 @@ class Settings(BaseSettings):
 
     def s3_client(self, spec: S3Spec) -> S3Client:
         """A client for the spec's bucket: its own endpoint and style, else these defaults."""
+        from tasks.s3client import S3Endpoint, client_for  # boto3: only when a client is made
+
         return client_for(
             S3Endpoint(
                 endpoint_url=spec.endpoint_url or self.s3_endpoint_url,

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from tests.stack import REPO
 
@@ -55,22 +56,29 @@ def test_quick_benchmark_prints_the_table_and_writes_every_scenario(tmp_path: Pa
     assert results["server"] == "moto"
     assert {"cpus", "cpu_model", "memory_gib", "python"} <= set(results["machine"])
     rows = results["rows"]
-    assert [row["scenario"][0] for row in rows] == ["1", "2", "3", "4", "5", "6", "7", "8"]
-    for row in rows:
-        assert set(row) == ROW_KEYS
-        assert row["scenario"] in run.stdout
-    for row in rows[:5]:
-        assert isinstance(row["cacheship"], float)
-        assert isinstance(row["baseline"], float)
-        assert isinstance(row["pass"], bool)
-    warm = rows[2]
-    assert warm["detail"]["bytes_sent"] == [0]
-    scale = rows[4]
-    assert set(scale["detail"]["redis_growth_bytes"]) == {"5", "10", "20"}
-    memory = rows[3]
+    numbers = " ".join(r["scenario"].split()[0] for r in rows)
+    assert numbers == "1 2 3 4 4 5 6 6 7 8 9 9 9 9 0 0"
+    for each in rows:
+        assert set(each) == ROW_KEYS
+        assert each["scenario"] in run.stdout
+
+    def row(prefix: str) -> dict[str, Any]:
+        [found] = [r for r in rows if r["scenario"].startswith(prefix)]
+        return found
+
+    timed = ["1 big", "2 small", "3 warm", "5 scale", "9 vs BuildKit: small 12x64 KiB, empty"]
+    for name in timed:
+        assert isinstance(row(name)["cacheship"], float), name
+        assert isinstance(row(name)["baseline"], float), name
+        assert isinstance(row(name)["pass"], bool), name
+    assert row("3 warm")["detail"]["bytes_sent"] == [0]
+    assert set(row("5 scale")["detail"]["redis_growth_bytes"]) == {"5", "10", "20"}
+    memory = row("4 memory, one")
     assert memory["unit"] == "MiB"
     assert memory["detail"]["hwm_max"] > 0
-    pruned = rows[6]
-    assert pruned["detail"]["report"]["blobs_removed"] == 270
+    assert row("4 memory, whole worker idle")["cacheship"] > 0
+    assert row("7 prune")["detail"]["report"]["blobs_removed"] == 270
+    enqueue = row("0 CLI enqueue")
+    assert isinstance(enqueue["cacheship"], float) and enqueue["cacheship"] > 0
     # Nothing is left behind: the scratch directory is removed.
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
