@@ -24,15 +24,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from botocore.exceptions import ClientError
 
-from tasks.cacheformat import Descriptor, FormatError, GoTime, decode_config
+from tasks.cacheformat import FormatError, GoTime, decode_config
 from tasks.cacheformat.merge import (
     DEFAULT_MAX_RECORDS,
     MergeCounts,
@@ -42,7 +41,7 @@ from tasks.cacheformat.merge import (
     stored_blobs,
 )
 from tasks.flight import single_flight
-from tasks.ingester import stat
+from tasks.publish import missing_blobs
 from tasks.request import S3Spec
 from tasks.s3client import error_code, is_not_found
 
@@ -143,25 +142,6 @@ def put_if_unchanged(
     return PutOutcome.WRITTEN
 
 
-def missing_blobs(
-    client: S3Client,
-    target: S3Spec,
-    layers: Sequence[Descriptor],
-    head_forbidden: Literal["upload", "fail"] = "upload",
-) -> set[str]:
-    """Stored layers that are gone from the bucket, or there with another size (HEADs)."""
-
-    def gone(layer: Descriptor) -> bool:
-        info = stat(client, target.bucket, target.blob_key(layer.digest), head_forbidden)
-        return info is None or info.size != layer.size
-
-    if not layers:
-        return set()
-    with ThreadPoolExecutor(max_workers=min(16, len(layers))) as pool:
-        flags = list(pool.map(gone, layers))
-    return {layer.digest for layer, flag in zip(layers, flags, strict=True) if flag}
-
-
 def now_go() -> GoTime:
     """The wall clock as a Go time (what ``max_age`` counts back from)."""
     ns = time.time_ns()
@@ -207,7 +187,9 @@ def write_name(
                     replaced = True
             gone = set()
             if existing is not None:
-                gone = missing_blobs(client, target, stored_blobs(existing, new), head_forbidden)
+                gone = set(
+                    missing_blobs(client, target, stored_blobs(existing, new), head_forbidden)
+                )
             merged = merge_configs(existing, new, now=now or now_go(), limits=limits, missing=gone)
             outcome = PutOutcome.UNSUPPORTED
             if conditional:
