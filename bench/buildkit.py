@@ -23,12 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from boto3.s3.transfer import create_transfer_manager
 from botocore.exceptions import ClientError
 
 from bench.data import BenchCache
 from bench.scenarios import Context, Row, _cpu_note, _median, _paired, _ratio
-from bench.stack import drop_prefix, new_prefix
+from bench.stack import drop_prefix, new_prefix, transfer_config
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -54,13 +54,7 @@ def buildkit_export(
     client: S3Client, bucket: str, prefix: str, cache: BenchCache, part_size: int
 ) -> tuple[float, int]:
     """HEAD every blob, upload the missing ones, PUT the name; (seconds, blobs uploaded)."""
-    config = TransferConfig(
-        multipart_threshold=part_size + 1,
-        multipart_chunksize=part_size,
-        max_concurrency=PARALLEL,
-        use_threads=True,
-        preferred_transfer_client="classic",
-    )
+    config = transfer_config(part_size, PARALLEL)
     body = cache_config(cache)
     started = time.perf_counter()
     with create_transfer_manager(client, config) as manager:

@@ -68,6 +68,17 @@ def drop_prefix(client: S3Client, bucket: str, prefix: str) -> None:
 # --- the baseline -------------------------------------------------------------------------
 
 
+def transfer_config(part_size: int, concurrency: int) -> TransferConfig:
+    """boto3's managed transfer as a raw client would use it: parts of the product's size."""
+    return TransferConfig(
+        multipart_threshold=part_size + 1,
+        multipart_chunksize=part_size,
+        max_concurrency=concurrency,
+        use_threads=True,
+        preferred_transfer_client="classic",
+    )
+
+
 def baseline_upload(
     client: S3Client,
     bucket: str,
@@ -77,13 +88,7 @@ def baseline_upload(
     part_size: int,
 ) -> float:
     """boto3's managed transfer uploads every blob of the cache; returns the seconds taken."""
-    config = TransferConfig(
-        multipart_threshold=part_size + 1,
-        multipart_chunksize=part_size,
-        max_concurrency=concurrency,
-        use_threads=True,
-        preferred_transfer_client="classic",
-    )
+    config = transfer_config(part_size, concurrency)
     started = time.perf_counter()
     with create_transfer_manager(client, config) as manager:
         futures = [
