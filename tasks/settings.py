@@ -14,18 +14,11 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from tasks.envlist import split_list
 from tasks.request import S3Spec
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-
-
-def _split_list(value: object) -> object:
-    """Accept ``a,b`` or ``a:b`` lists from the environment as well as real lists."""
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.replace(":", ",").split(",")]
-        return [p for p in parts if p]
-    return value
 
 
 class Settings(BaseSettings):
@@ -148,7 +141,7 @@ class Settings(BaseSettings):
     @field_validator("source_roots", "dest_roots", "allowed_buckets", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
-        return _split_list(value)
+        return split_list(value)
 
     @field_validator("prune_keep_names", mode="before")
     @classmethod

@@ -71,11 +71,11 @@ def check_local_source(spec: LocalSpec | S3Spec, given: str, option: str) -> Non
 
     if not isinstance(spec, LocalSpec):
         return
-    from tasks.settings import Settings
+    from tasks.envlist import env_paths
     from tasks.sources import local
     from tasks.sources.common import SourceError
 
-    roots = Settings().source_roots
+    roots = env_paths("CACHESHIP_SOURCE_ROOTS")  # what Settings reads, without building it
     try:
         if roots:
             local.resolve_source_dir(spec.src, roots)
