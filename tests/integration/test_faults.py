@@ -483,16 +483,19 @@ class Supervisor:
     def __init__(self, start: Callable[[str], Worker], names: list[str]) -> None:
         self.start = start
         self.running = [start(name) for name in names]
+        self.exited: list[Worker] = []
         self.restarts = 0
 
     def check(self) -> None:
         for index, worker in enumerate(self.running):
             if worker.proc.poll() is not None:
                 self.restarts += 1
+                self.exited.append(worker)
                 self.running[index] = self.start(f"{worker.name}-r{self.restarts}")
 
     def logs(self) -> str:
-        return "".join(w.log() for w in self.running)
+        """Every worker's log, those that exited included."""
+        return "".join(w.log() for w in [*self.exited, *self.running])
 
 
 def wait_supervised(
