@@ -1,9 +1,9 @@
 """``python -m bench``: cacheship against a raw boto3 baseline on one local S3-protocol server.
 
-Starts the server, a Redis server and a real ``celery worker`` (prefork, ``--concurrency``
-processes) for cacheship, runs the scenarios, prints the table and, with ``--json``, writes
-every number. Not part of the test run: ``tests/integration/test_bench_smoke.py`` only checks
-that ``--quick`` works end to end.
+Starts the server, a Redis server and a real ``celery worker`` (the default threads pool,
+``--concurrency`` threads) for cacheship, runs the scenarios, prints the table and, with
+``--json``, writes every number. Not part of the test run:
+``tests/integration/test_bench_smoke.py`` only checks that ``--quick`` works end to end.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--runs", type=int, default=3, help="runs per side (median reported)")
     parser.add_argument(
-        "--concurrency", type=int, default=4, help="worker pool processes (the chart's default)"
+        "--concurrency", type=int, default=4, help="tasks a worker runs at once (chart default)"
     )
     parser.add_argument(
         "--upload-parallelism", type=int, default=4, help="parts in flight per layer"

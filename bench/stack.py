@@ -119,7 +119,7 @@ def baseline_heads(
 
 @dataclass
 class Cacheship:
-    """A Redis server, one worker (``concurrency`` prefork children) and a client."""
+    """A Redis server, one worker (the default threads pool, ``concurrency`` threads), a client."""
 
     redis: ServerProcess
     s3_url: str
