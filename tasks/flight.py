@@ -24,6 +24,16 @@ from redis.lock import Lock
 LEASE_SECONDS = 30.0
 
 
+#: How long a writer's mark says "stored lately": longer than an export waits in a queue
+#: between its look at the bucket and its upload, on any sane day.
+STORED_MARK_SECONDS = 24 * 3600
+
+
+def stored_mark(name: str) -> str:
+    """Set by the lock's holder once it stored the blob: later holders must look first."""
+    return f"{name}-stored"
+
+
 def lock_key(bucket: str, key: str) -> str:
     """One lock name per stored object, of bounded length whatever the key."""
     digest = hashlib.sha256(f"{bucket}\0{key}".encode()).hexdigest()[:32]

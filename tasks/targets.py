@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol
 
 from tasks.cacheformat import Descriptor
 from tasks.copy import CopyOutcome, copy_blob, fresh
-from tasks.flight import lock_key, single_flight
+from tasks.flight import STORED_MARK_SECONDS, lock_key, single_flight, stored_mark
 from tasks.ingester import open_uploads, stat
 from tasks.names import NameWrite, write_names
 from tasks.plan import ExportPlan
@@ -112,11 +112,24 @@ class S3Target:
         if info is not None and info.size == layer.size:
             return copy(head=False)  # present: skipped or touched, no need to coordinate
         # Absent: upload under the blob's fleet-wide lock, small blobs too, so that the fleet
-        # sends each blob once. Holding it, look again (copy_blob HEADs first): a writer that
-        # held it meanwhile, or since the HEAD above, has stored the blob, and it counts as
-        # skipped.
-        with single_flight(self.redis, lock_key(self.spec.bucket, key), on_wait=self.on_wait):
-            return copy()
+        # sends each blob once. Holding it, look again only when another writer may have
+        # stored the blob since the look above: we waited for the lock, or a writer's mark
+        # says it stored the blob lately. Without either, uploading is right (and harmless
+        # even if a writer outside the fleet raced us: the same bytes under the same key).
+        name = lock_key(self.spec.bucket, key)
+        waited = False
+
+        def wait() -> None:
+            nonlocal waited
+            waited = True
+            self.on_wait()
+
+        with single_flight(self.redis, name, on_wait=wait):
+            look = waited or info is not None or bool(self.redis.exists(stored_mark(name)))
+            outcome = copy(head=look)
+            if outcome.action == "uploaded":
+                self.redis.set(stored_mark(name), "1", ex=STORED_MARK_SECONDS)
+            return outcome
 
     def missing(self, layers: Sequence[Descriptor]) -> list[str]:
         return missing_blobs(self.client, self.spec, layers, self.head_forbidden)
