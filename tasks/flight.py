@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -40,6 +41,52 @@ def lock_key(bucket: str, key: str) -> str:
     return f"cacheship-flight-{digest}"
 
 
+class _Renewals:
+    """One thread per process renews every lease the process holds, each every third of its
+    ttl: a thread per upload cost more than the whole upload of a small blob."""
+
+    TICK = 1.0
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple[Lock, float, float]] = {}  # id -> (lock, due, ttl)
+        self._mutex = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, lock: Lock, ttl: float) -> None:
+        with self._mutex:
+            self._held[id(lock)] = (lock, time.monotonic() + ttl / 3, ttl)
+            # After a fork (prefork pool) the parent's thread is not running here.
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="leases", daemon=True)
+                self._thread.start()
+
+    def drop(self, lock: Lock) -> None:
+        with self._mutex:
+            self._held.pop(id(lock), None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.TICK)
+            now = time.monotonic()
+            with self._mutex:
+                due = [(key, lock, ttl) for key, (lock, at, ttl) in self._held.items() if at <= now]
+            for key, lock, ttl in due:
+                try:
+                    lock.reacquire()
+                except Exception:
+                    # Released meanwhile, or lost (expired during a long Redis outage): the
+                    # upload stays safe, since a second writer stores the same bytes.
+                    with self._mutex:
+                        self._held.pop(key, None)
+                    continue
+                with self._mutex:
+                    if key in self._held:
+                        self._held[key] = (lock, now + ttl / 3, ttl)
+
+
+_renewals = _Renewals()
+
+
 @contextmanager
 def single_flight(
     redis: Any,
@@ -51,31 +98,17 @@ def single_flight(
 ) -> Iterator[None]:
     """Hold ``name`` fleet-wide while the body runs; wait (calling ``on_wait`` once) if held.
 
-    The lock is renewed every third of ``ttl`` by a thread of this process, so it outlives
-    any copy however long, and lapses ``ttl`` seconds after this process is gone.
+    The lock is renewed every third of ``ttl`` while held, so it outlives any copy however
+    long, and lapses ``ttl`` seconds after this process is gone.
     """
     lock = Lock(redis, name, timeout=ttl, sleep=poll, thread_local=False)
     if not lock.acquire(blocking=False):
         on_wait()
         lock.acquire(blocking=True)
-    stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.wait(ttl / 3):
-            try:
-                lock.reacquire()
-            except Exception:
-                # Lost (expired during a long Redis outage): the upload itself stays safe,
-                # since a second writer's result is the same bytes under the same key.
-                return
-
-    keeper = threading.Thread(target=renew, name=f"lease {name}", daemon=True)
-    keeper.start()
+    _renewals.hold(lock, ttl)
     try:
         yield
     finally:
-        stop.set()
-        keeper.join()
+        _renewals.drop(lock)
         with contextlib.suppress(Exception):  # expired meanwhile: nothing to release
             lock.release()
-
