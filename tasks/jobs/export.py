@@ -7,11 +7,12 @@ changes nothing; it dispatches only once anyway.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
 
-from celery import Task, chord, shared_task
+from celery import Task, chord, group, shared_task
 from celery.exceptions import Ignore
 
 from tasks import metrics, registry, state
@@ -80,6 +81,8 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     config = settings()
     export_id = str(self.request.id)
     redis = redis_of(self)
+    if redis.exists(f"cacheship-finished-{export_id}"):
+        raise Ignore()  # delivered again after it ended (a lost worker): its state stays
     began = time.monotonic()
     # Results keep a task's args (result_extended): never the raw request, which may hold
     # what validation refuses (credentials); the validated request replaces it.
@@ -147,14 +150,28 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     # BuildKit's exporter HEADs each blob and skips those stored: so does this, for all
     # layers at once, before any task is sent. A layer already stored as it is costs a HEAD
     # and one pipelined write here instead of a task's broker round trips, states and
-    # events; every other layer gets its task. The survey only reads, and comes before the
-    # dispatch marker, so that a worker lost during it leaves the export to be redelivered
-    # and dispatched, not marked and stalled.
-    found = open_target(req.target, config, redis).survey(
-        plan.layers, parallelism=SKIP_CHECK_PARALLELISM
-    )
-    if redis.set(f"cacheship-dispatched-{export_id}", "1", nx=True, ex=config.result_expires):
-        layer_ids = [step["task_id"] for step in steps[: len(plan.layers)]]
+    # events; every other layer gets its task. What the first delivery found is kept with
+    # the dispatch marker: a delivery after a lost worker (which may have died half-way
+    # through publishing) sends the very same chord again, under the same ids. Tasks that
+    # already ran are discarded by the workers (successful ones are deduplicated) and the
+    # chord counts each header task once, by its id.
+    marker = f"cacheship-dispatched-{export_id}"
+    known = redis.get(marker)
+    first = known is None
+    if first:
+        found = open_target(req.target, config, redis).survey(
+            plan.layers, parallelism=SKIP_CHECK_PARALLELISM
+        )
+        stored_digests = sorted(digest for digest, present in found.items() if present)
+        first = bool(
+            redis.set(marker, json.dumps(stored_digests), nx=True, ex=config.result_expires)
+        )
+        if not first:
+            known = redis.get(marker)
+    if not first:
+        found = {digest: True for digest in _stored_at_dispatch(known)}
+    layer_ids = [step["task_id"] for step in steps[: len(plan.layers)]]
+    if first:
         stored = [
             (d.digest, d.size, tid)
             for d, tid in zip(plan.layers, layer_ids, strict=True)
@@ -166,24 +183,34 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
         )
         for _, size, _ in stored:
             metrics.layer_finished("skipped", 0, size, 0.0)
-        header = [
-            copy_layer.s(
-                export_id, source, target, layer, absent=found.get(layer["digest"]) is False
-            ).set(task_id=tid, shadow=layer_title(layer["digest"], layer["size"]))
-            for layer, tid in zip(plan_json["layers"], layer_ids, strict=True)
-            if not found.get(layer["digest"])
-        ]
-        body = finalize.s(export_id).set(
-            task_id=derived_id(export_id, "finalize"),
-            shadow=f"finalize {describe(req.target)}",
-        )
-        if header:
-            chord(header, body).apply_async()
-        else:
-            body.apply_async(([],))  # every layer is stored: straight to the names
         metrics.export_started()
+    header = [
+        copy_layer.s(
+            export_id, source, target, layer, absent=first and found.get(layer["digest"]) is False
+        ).set(task_id=tid, shadow=layer_title(layer["digest"], layer["size"]))
+        for layer, tid in zip(plan_json["layers"], layer_ids, strict=True)
+        if not found.get(layer["digest"])
+    ]
+    body = finalize.s(export_id).set(
+        task_id=derived_id(export_id, "finalize"),
+        shadow=f"finalize {describe(req.target)}",
+    )
+    if header:
+        layers = group(header).set(task_id=derived_id(export_id, "layers"))
+        chord(layers, body).apply_async()
+    else:
+        body.apply_async(([],))  # every layer is stored: straight to the names
     # The export stays PROGRESS: the chord's tasks write its final state (common.py).
     raise Ignore()
+
+
+def _stored_at_dispatch(raw: Any) -> list[str]:
+    """The digests the first delivery found stored (its dispatch marker's value)."""
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError):
+        return []
+    return [str(d) for d in value] if isinstance(value, list) else []
 
 
 __all__ = ["derived_id", "export"]

@@ -108,7 +108,6 @@ def test_the_terminal_view_of_hundreds_of_layers(
     assert failure_seen_at is not None, final
     assert "copying" in seen_phases, seen_phases
     assert seen_phases[-1] == "failed", seen_phases
-    assert failure_seen_at < len(run.screens) - 1
     # the end: the failure counted and named (layers still queued when the chord gave up
     # are counted as such by the summary line checked above)
     # layers revoked when the export failed are cancelled, not failures of their own

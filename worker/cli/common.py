@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -85,18 +86,32 @@ def resolve_redis_url(given: str | None) -> str:
     return given
 
 
-def check_redis(url: str, timeout: float = 5.0) -> None:
-    """Fail fast with one line when Redis cannot be reached (Celery would retry for long)."""
+def check_redis(url: str, timeout: float = 5.0, patience: float = 5.0) -> None:
+    """Fail with one line when Redis cannot be reached (Celery would retry for long).
+
+    A refused connection is tried again for ``patience`` seconds: a Redis that restarts
+    (a pod rescheduled, an upgrade) is back within that, and a command issued meanwhile
+    should not fail for it.
+    """
     import redis
 
-    try:
-        conn = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    deadline = time.monotonic() + patience
+    while True:
         try:
-            conn.ping()
-        finally:
-            conn.close()
-    except (redis.RedisError, OSError, ValueError) as exc:
-        fail(f"cannot reach Redis at {mask_url(url)}: {redact(str(exc)) or type(exc).__name__}")
+            conn = redis.Redis.from_url(
+                url, socket_connect_timeout=timeout, socket_timeout=timeout
+            )
+            try:
+                conn.ping()
+            finally:
+                conn.close()
+            return
+        except redis.ConnectionError as exc:
+            if time.monotonic() >= deadline:
+                fail(f"cannot reach Redis at {mask_url(url)}: {redact(str(exc))}")
+            time.sleep(0.25)
+        except (redis.RedisError, OSError, ValueError) as exc:
+            fail(f"cannot reach Redis at {mask_url(url)}: {redact(str(exc)) or type(exc).__name__}")
 
 
 def parse_option_spec(text: str, option: str, role: str) -> LocalSpec | S3Spec:
