@@ -363,7 +363,7 @@ def run_demo(
             total = sum(d.size for d in cache.layers)
             say(f"  Redis    {stack.redis_url}  (embedded Valkey: broker and result backend)")
             say(f"  S3       {stack.s3_url}  (moto's S3 server), bucket {BUCKET}")
-            say("  worker   demo@" + socket.gethostname() + " (cacheship worker, 2 processes)")
+            say("  worker   demo@" + socket.gethostname() + " (cacheship worker, 2 threads)")
             say(
                 f"  Flower   {stack.flower_url}  (user {FLOWER_USER}, password in "
                 f"{stack.root / 'flower-password'})"
