@@ -21,7 +21,9 @@ from typing import NamedTuple
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
-_URL = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)(?P<rest>.*)", re.S)
+_URL = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/?#]*)(?P<rest>.*)", re.S
+)
 _AUTHORITY = re.compile(r"(?P<host>\[[^\]]*\]|[^:]*)(?::(?P<port>[0-9]*))?")
 _LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 _NUMERIC_LABEL = re.compile(r"(0x[0-9a-f]*|[0-9]+)")
@@ -112,7 +114,8 @@ def origin(url: str) -> Origin:
     parts = _AUTHORITY.fullmatch(authority)
     if parts is None:
         raise URLRefused("host[:port] is malformed")
-    return Origin(scheme, normalise_host(parts["host"]), _port(parts["port"], DEFAULT_PORTS[scheme]))
+    host = normalise_host(parts["host"])
+    return Origin(scheme, host, _port(parts["port"], DEFAULT_PORTS[scheme]))
 
 
 def host_origin(text: str, scheme: str = "https") -> Origin:

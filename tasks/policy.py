@@ -8,6 +8,7 @@ names the request's attribute and the setting that refuses it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -61,10 +62,9 @@ def make_policy(
     """A worker's policy: the configured endpoint is always allowed, with the listed ones."""
     allowed = set(origins(allowed_endpoints))
     if default_endpoint:
-        try:
+        # A configured endpoint with a path is used as given, never matched by a request.
+        with contextlib.suppress(URLRefused):
             allowed.add(origin(default_endpoint))
-        except URLRefused:
-            pass  # a configured endpoint with a path: used as given, never matched by a request
     return Policy(frozenset(allowed), tuple(writable), tuple(readable))
 
 

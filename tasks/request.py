@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.allow import URLRefused, origin
+
 CREDENTIAL_KEYS = frozenset(
     {
         "access_key_id",
@@ -272,8 +274,11 @@ class S3Spec(_BuildxTarget):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError("must be an http:// or https:// URL")
+        if value is not None:
+            try:
+                origin(value)  # a plain scheme://host[:port]; whether allowed: tasks/policy.py
+            except URLRefused as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @field_validator("touch_refresh", mode="before")

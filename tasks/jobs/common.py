@@ -26,8 +26,8 @@ from celery.utils.time import get_exponential_backoff_interval
 from tasks import metrics, registry, state
 from tasks.cacheformat import FormatError
 from tasks.ingester import DigestMismatchError, IngestError
-from tasks.request import LocalSpec, LocalTargetSpec, RequestError, S3Spec, target_from_json
 from tasks.policy import Access, check_spec
+from tasks.request import LocalSpec, LocalTargetSpec, RequestError, S3Spec, target_from_json
 from tasks.s3client import is_transient
 from tasks.settings import Settings, get_settings
 from tasks.sources import local as local_source

@@ -19,10 +19,10 @@ from tasks.jobs.common import (
     PERMANENT,
     ExportFailed,
     check_allowed,
-    s3_client,
     logger,
     redis_of,
     retry_or_fail,
+    s3_client,
     settings,
 )
 from tasks.progress import PROGRESS, now_iso

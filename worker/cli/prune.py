@@ -45,10 +45,9 @@ def build_request(
     dry_run: bool,
 ) -> dict[str, Any]:
     """The prune message, validated; errors exit with 2 and name the option."""
+    from tasks.policy import check_spec, policy_from_env
     from tasks.prune import parse_prune_request
     from tasks.request import RequestError, S3Spec
-
-    from tasks.policy import check_spec, policy_from_env
 
     spec = parse_option_spec(cache, "--cache", "cache")
     if not isinstance(spec, S3Spec):
