@@ -11,6 +11,8 @@ file create this user from ``submitter_rules``; docs/security.md explains it.
 
 from __future__ import annotations
 
+import shlex
+
 SUBMITTER_USER = "cacheship-submitter"
 
 #: Connection set-up and the commands the client sends, by what they are for.
@@ -50,3 +52,10 @@ def submitter_rules(queue: str = "cacheship") -> list[str]:
 def submitter_acl_line(password: str, queue: str = "cacheship", user: str = SUBMITTER_USER) -> str:
     """One ``user`` line of an ACL file (or an ``ACL SETUSER`` command's arguments)."""
     return " ".join([user, "on", f">{password}", *submitter_rules(queue)])
+
+
+def submitter_shell_args(password_variable: str, queue: str = "cacheship") -> str:
+    """``--user ...`` for a ``sh -c "exec redis-server ..."`` command line, the password
+    read from ``password_variable``: what the chart and the compose file append."""
+    rules = " ".join(shlex.quote(rule) for rule in submitter_rules(queue))
+    return f'--user {SUBMITTER_USER} on ">${password_variable}" {rules}'
