@@ -107,3 +107,13 @@ def test_settings_refuse_a_bad_endpoint_list_and_a_bucket_in_both_lists(
     assert settings.readable_buckets == ["golden"]
     spec = S3Spec(bucket="golden", endpoint_url="http://OK:1")
     assert check_spec(spec, settings.policy(), "source", "read") == "http://ok:1"
+
+
+@pytest.mark.parametrize("region", ["evil.example.com", "us-east-1/..", "a b", "eu-west-1#"])
+def test_a_region_cannot_carry_a_host_name(region: str) -> None:
+    """Without an endpoint the region is part of the host botocore connects to."""
+    with pytest.raises(RequestError, match=r"target\.region: must be a region name"):
+        parse_request(
+            {"source": s3("team"), "target": {"type": "s3", "bucket": "team", "region": region}}
+        )
+    assert S3Spec(bucket="team", region="eu-west-1").region == "eu-west-1"
