@@ -160,12 +160,16 @@ def write_name(
     conditional: bool = True,
     max_attempts: int = 10,
     on_wait: Callable[[], None] = lambda: None,
+    on_pull: Callable[[list[str]], None] = lambda digests: None,
 ) -> NameWrite:
     """Merge ``s3_config`` (the new export, S3 form) into the name, safely under concurrency.
 
     The lock is the fleet's lease (:func:`tasks.flight.single_flight`): renewed while held,
     lapsing seconds after a holder dies. ``conditional=False`` never sends conditions (for
-    stores known to mishandle them). Raises InvalidStoredConfigError (the name is left as
+    stores known to mishandle them). ``on_pull(digests)`` gets the stored blobs the merge
+    may keep, before they are looked at and before the name is written: the export
+    registers them so that a prune leaves them alone (docs/prune.md). Raises
+    InvalidStoredConfigError (the name is left as
     it was unless the target says ``merge=replace-invalid``) and NameBusyError.
     """
     key = target.manifest_key(name)
@@ -187,9 +191,10 @@ def write_name(
                     replaced = True
             gone = set()
             if existing is not None:
-                gone = set(
-                    missing_blobs(client, target, stored_blobs(existing, new), head_forbidden)
-                )
+                pulled = stored_blobs(existing, new)
+                if pulled:
+                    on_pull([d.digest for d in pulled])
+                gone = set(missing_blobs(client, target, pulled, head_forbidden))
             merged = merge_configs(existing, new, now=now or now_go(), limits=limits, missing=gone)
             outcome = PutOutcome.UNSUPPORTED
             if conditional:
