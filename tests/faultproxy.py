@@ -10,8 +10,10 @@ whether to:
   when there is no body): the request DID happen, its answer was lost;
 - delay it (latency), and slow down request bodies (a bandwidth cap per connection).
 
-It can also answer HEAD requests with a fixed status (every HEAD, or only those the server
-answers 404 to: what S3 does for a missing key when the caller lacks ``s3:ListBucket``).
+It can drop request headers before forwarding (a store that ignores conditional writes:
+``strip_headers=("If-Match", "If-None-Match")``), and answer HEAD requests with a fixed
+status (every HEAD, or only those the server answers 404 to: what S3 does for a missing key
+when the caller lacks ``s3:ListBucket``).
 
 The proxy understands HTTP/1.1 framing (``Content-Length``, chunked bodies both ways,
 ``Expect: 100-continue``, keep-alive, bodies ended by close) and answers only on loopback.
@@ -105,6 +107,9 @@ class FaultPlan:
     bandwidth: int | None = None  # bytes per second of request body, per connection
     head_status: int | None = None  # answer every HEAD with this status
     head_missing_status: int | None = None  # answer a HEAD the server says 404 to with this
+    # Request headers removed before forwarding (case-insensitive): a store or proxy that
+    # drops what it does not know, e.g. ("If-Match", "If-None-Match").
+    strip_headers: tuple[str, ...] = ()
     match: Callable[[Request], bool] = field(default=lambda request: True)
 
 
@@ -131,6 +136,7 @@ class Stats:
     errors: int = 0
     cuts: int = 0
     head_rewrites: int = 0
+    headers_stripped: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     operations: Counter[str] = field(default_factory=Counter)
@@ -412,6 +418,8 @@ class FaultProxy:
                         return
                     continue
 
+                if plan.strip_headers:
+                    request = self._strip(request, plan.strip_headers)
                 if upstream is None:
                     upstream = self._connect()
                 try:
@@ -457,6 +465,14 @@ class FaultProxy:
                 rfile.close()
             with contextlib.suppress(OSError):
                 conn.close()
+
+    def _strip(self, request: Request, names: tuple[str, ...]) -> Request:
+        dropped = {name.lower() for name in names}
+        kept = [(k, v) for k, v in request.headers if k.lower() not in dropped]
+        if len(kept) == len(request.headers):
+            return request
+        self._count(headers_stripped=len(request.headers) - len(kept))
+        return Request(request.method, request.target, kept, request.body, request.received_at)
 
     def _record_write(self, request: Request) -> None:
         part = 0
