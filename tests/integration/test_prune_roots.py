@@ -107,6 +107,10 @@ def test_caches_sharing_one_blobs_prefix_survive_a_prune_with_the_defaults(
     for team, target in specs.items():
         checked = verify_cache(s3, target, deep=True)
         assert checked.sound, (team, checked)
+    again = cli("prune", "--cache", cache, "--grace", "0s", "--wait", env=env)
+    assert again.returncode == 0, again.stderr
+    assert "roots    3 names under other prefixes kept their blobs" in again.stdout
+    assert "0 removed" in again.stdout
     for team, target in specs.items():
         verified = cli(
             "verify", "--cache",
