@@ -90,13 +90,26 @@ def touch(client: S3Client, bucket: str, key: str, size: int) -> None:
     metadata = {"updated-at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
     source: CopySourceTypeDef = {"Bucket": bucket, "Key": key}
     if size < MAX_SINGLE_COPY:
-        client.copy_object(
-            Bucket=bucket,
-            Key=key,
-            CopySource=source,
-            MetadataDirective="REPLACE",
-            Metadata=metadata,
-        )
+        if checksums_enabled(client):
+            # A blob uploaded in parts has a composite checksum of its parts; the copy gets
+            # a full-object SHA-256 of its own (some stores otherwise keep the composite
+            # value on the copy without its part count, and every checked GET then fails).
+            client.copy_object(
+                Bucket=bucket,
+                Key=key,
+                CopySource=source,
+                MetadataDirective="REPLACE",
+                Metadata=metadata,
+                ChecksumAlgorithm="SHA256",
+            )
+        else:
+            client.copy_object(
+                Bucket=bucket,
+                Key=key,
+                CopySource=source,
+                MetadataDirective="REPLACE",
+                Metadata=metadata,
+            )
         return
     upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, Metadata=metadata)[
         "UploadId"
