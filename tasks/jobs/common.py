@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, NoReturn
 
 from celery import Task
-from celery.signals import task_revoked
-from celery.states import SUCCESS
+from celery.signals import task_failure, task_revoked
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
+from kombu.exceptions import OperationalError
+from redis import exceptions as redis_errors
 
-from tasks import metrics, registry, state
+from tasks import metrics, registry, state, watchdog
 from tasks.cacheformat import FormatError
 from tasks.ingester import DigestMismatchError, IngestError
 from tasks.request import LocalSpec, LocalTargetSpec, RequestError, S3Spec, target_from_json
@@ -34,10 +36,29 @@ from tasks.sources import s3 as s3_source
 from tasks.sources.common import LoadedCache, SourceError
 from tasks.stores.local import LocalTarget
 from tasks.targets import S3Target, Target
+from worker import internals
 
 logger = get_task_logger("tasks.jobs")
 
 PERMANENT = (RequestError, SourceError, FormatError, DigestMismatchError, IngestError)
+
+#: Redis unreachable (redis-py's own classes, not the builtins; kombu wraps them for the
+#: broker): after the client's own patience (``CACHESHIP_REDIS_PATIENCE``) ran out. The task
+#: is retried (``autoretry_for``), never failed: Redis comes back with its data.
+REDIS_DOWN: tuple[type[Exception], ...] = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    OperationalError,
+)
+
+#: Task options shared by every task of an export: retried while Redis is down.
+PATIENT: dict[str, Any] = {
+    "autoretry_for": REDIS_DOWN,
+    "retry_backoff": 2,
+    "retry_backoff_max": 30,
+    "retry_jitter": True,
+    "max_retries": None,
+}
 
 
 class ExportFailed(Exception):
@@ -50,7 +71,7 @@ def settings() -> Settings:
 
 def redis_of(task: Task[Any, Any]) -> Any:
     """The result backend's Redis client: bookkeeping lives beside the results."""
-    return task.backend.client  # type: ignore[attr-defined]
+    return internals.backend_redis(task.backend)
 
 
 def cancelled_key(export_id: str) -> str:
@@ -85,6 +106,7 @@ def open_target(
     config: Settings,
     redis: Any,
     on_wait: Callable[[], None] = lambda: None,
+    on_tick: Callable[[], None] = lambda: None,
 ) -> Target:
     """The store an export writes to, configured from the worker's settings.
 
@@ -100,6 +122,7 @@ def open_target(
         head_forbidden=config.s3_head_forbidden,
         min_part_size=config.part_size,
         on_wait=on_wait,
+        on_tick=on_tick,
     )
 
 
@@ -117,6 +140,10 @@ def retry_or_fail(
     the worker's death: the retry is a message in Redis.
     """
     retries = task.request.retries
+    if isinstance(exc, REDIS_DOWN):
+        # Not the store's fault, and not counted against its retries: wait for Redis.
+        logger.warning("%s: Redis unreachable (%s); retrying", what, type(exc).__name__)
+        raise task.retry(args=args, exc=exc, countdown=2) from None
     if not is_transient(exc):
         on_give_up()
         raise ExportFailed(f"{what}: {type(exc).__name__}: {exc}") from None
@@ -137,8 +164,41 @@ def mark_started(redis: Any, export_id: str, ttl: int) -> None:
     redis.set(f"cacheship-started-{export_id}", repr(time.time()), ex=ttl, nx=True)
 
 
+def finished_key(export_id: str) -> str:
+    return f"cacheship-finished-{export_id}"
+
+
+def is_finished(redis: Any, export_id: str) -> bool:
+    return bool(redis.exists(finished_key(export_id)))
+
+
+def first_writer(redis: Any, key: str, ttl: int, what: str) -> bool:
+    """``SET key NX`` that is safe when the client sends it again after losing its reply.
+
+    The value is this writer's own token (after ``what``): a retried ``SET NX`` that finds
+    the key holding our token is our win, not another writer's.
+    """
+    token = f"{what}:{uuid.uuid4().hex}"
+    if redis.set(key, token, nx=True, ex=ttl):
+        return True
+    held = redis.get(key)
+    return (held.decode() if isinstance(held, bytes) else held) == token
+
+
 def finish_export(
     task: Task[Any, Any], export_id: str, result: dict[str, Any] | None, error: str | None
+) -> None:
+    """Write the export's final state under its own id and tell Flower, once (see
+    :func:`finish`)."""
+    finish(task.app, task.request.hostname, export_id, result, error)
+
+
+def finish(
+    app: Any,
+    hostname: str | None,
+    export_id: str,
+    result: dict[str, Any] | None,
+    error: str | None,
 ) -> None:
     """Write the export's final state under its own id and tell Flower, once.
 
@@ -146,29 +206,32 @@ def finish_export(
     cancelled (a layer after a failed one is not copied). Otherwise SUCCESS with ``result``.
     The first caller wins: a later success never overwrites a failure, nor the reverse.
     """
-    redis = redis_of(task)
-    ttl = int(task.app.conf.result_expires or 7 * 24 * 3600)
+    backend: Any = app.backend
+    redis = internals.backend_redis(backend)
+    ttl = int(app.conf.result_expires or 7 * 24 * 3600)
     outcome = "1" if error is None else "0"
-    if not redis.set(f"cacheship-finished-{export_id}", outcome, nx=True, ex=ttl):
+    if not first_writer(redis, finished_key(export_id), ttl, outcome):
         return
+    watchdog.forget(redis, export_id)
     _release(redis, export_id)
     started = export_started_at(redis, export_id)
     runtime = time.time() - started if started else 0.0
     metrics.export_finished("success" if error is None else "failure", runtime if started else None)
-    backend: Any = task.backend
     if error is None:
         backend.store_result(export_id, result, "SUCCESS")
-        _export_event(task, export_id, "task-succeeded", result=repr(result), runtime=runtime)
+        _export_event(app, hostname, export_id, "task-succeeded", result=repr(result),
+                      runtime=runtime)
         return
     redis.set(cancelled_key(export_id), error, ex=ttl)
     # Layers still queued are dropped where they wait (Flower shows them REVOKED); one that
     # starts anyway sees the cancelled key and stops before copying.
     layer_ids = _layer_task_ids(redis, export_id)
     if layer_ids:
-        task.app.control.revoke(layer_ids)
+        app.control.revoke(layer_ids)
     backend.store_result(export_id, ExportFailed(error), "FAILURE")
     _export_event(
-        task, export_id, "task-failed", exception=f"ExportFailed({error!r})", traceback=""
+        app, hostname, export_id, "task-failed", exception=f"ExportFailed({error!r})",
+        traceback=""
     )
     logger.warning("export %s failed: %s", export_id, error)
 
@@ -183,10 +246,15 @@ def _release(redis: Any, export_id: str) -> None:
         logger.warning("export %s: registration not released: %s", export_id, exc)
 
 
-def _export_event(task: Task[Any, Any], export_id: str, kind: str, **fields: Any) -> None:
+def _export_event(
+    app: Any, hostname: str | None, export_id: str, kind: str, **fields: Any
+) -> None:
     """A task event about the export's id (not the sending task's): Flower's row for it."""
-    with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
-        dispatcher.send(kind, uuid=export_id, **fields)
+    try:
+        with app.events.default_dispatcher(hostname=hostname) as dispatcher:
+            dispatcher.send(kind, uuid=export_id, **fields)
+    except Exception as exc:  # the state is stored: a row in Flower is not worth failing for
+        logger.warning("export %s: %s event not sent: %s", export_id, kind, exc)
 
 
 def announce_skipped(
@@ -290,23 +358,39 @@ def record_skipped(
     encoded = json.dumps(record, separators=(",", ":"))
     outcomes = state.outcomes_key(export_id)
     done_at = datetime.now(UTC).isoformat()
-    with backend.client.pipeline() as pipe:
+    with internals.backend_redis(backend).pipeline() as pipe:
         for digest, size, task_id in layers:
             pipe.hsetnx(outcomes, digest, encoded)
-            meta: dict[str, Any] = {  # the fields Celery's Redis backend stores for a finished task
-                "status": SUCCESS,
-                "result": {"digest": digest, "size": size, **record},
-                "traceback": None,
-                "children": [],
-                "date_done": done_at,
-                "task_id": task_id,
-            }
-            key, value = backend.get_key_for_task(task_id), backend.encode(meta)
-            if backend.expires:
-                pipe.setex(key, backend.expires, value)
-            else:
-                pipe.set(key, value)
-            pipe.publish(key, value)
+            internals.store_success(
+                pipe, backend, task_id, {"digest": digest, "size": size, **record}, done_at
+            )
         pipe.expire(outcomes, ttl)
         pipe.execute()
 
+
+
+@task_failure.connect
+def _failed_outside_handling(
+    sender: Any = None, task_id: str | None = None, exception: BaseException | None = None,
+    args: Any = None, **_: Any,
+) -> None:
+    """A layer or finalize that failed with an error its own handling did not catch (a bug, a
+    Redis error that outlived every retry) fails its export now, with that error.
+
+    Without this the chord records the failure on ``finalize``'s id and the export stays in
+    PROGRESS until the watchdog looks. Failures the tasks report themselves (``ExportFailed``)
+    have already ended the export; ``finish`` is first-writer-wins anyway.
+    """
+    name = getattr(sender, "name", "")
+    if name not in ("cacheship.copy_layer", "cacheship.finalize") or exception is None:
+        return
+    if isinstance(exception, ExportFailed) or not args:
+        return
+    export_id = str(args[0] if name == "cacheship.copy_layer" else args[-1])
+    what = "finalize" if name == "cacheship.finalize" else f"layer task {task_id}"
+    try:
+        request = getattr(sender, "request", None)
+        finish(sender.app, getattr(request, "hostname", None), export_id, None,
+               f"{what}: {type(exception).__name__}: {exception}")
+    except Exception as exc:  # the watchdog fails it later
+        logger.warning("export %s: failure not recorded: %s", export_id, exc)

@@ -15,9 +15,10 @@ from typing import Any
 from celery import Task, chord, group, shared_task
 from celery.exceptions import Ignore
 
-from tasks import metrics, registry, state
+from tasks import metrics, registry, state, watchdog
 from tasks.cacheformat import EmptyCacheError
 from tasks.jobs.common import (
+    PATIENT,
     PERMANENT,
     ExportFailed,
     announce_skipped,
@@ -76,7 +77,7 @@ def describe(target: S3Spec | LocalTargetSpec) -> str:
     return f"s3://{target.bucket}/{target.prefix} {';'.join(target.name)}"
 
 
-@shared_task(bind=True, name="cacheship.export", max_retries=None)
+@shared_task(bind=True, name="cacheship.export", **PATIENT)
 def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     config = settings()
     export_id = str(self.request.id)
@@ -123,12 +124,15 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     plan_json = plan.to_json()
     source = req.source.model_dump(mode="json", by_alias=True)
     target = req.target.model_dump(mode="json", by_alias=True)
+    # The source too: the watchdog sends a lost layer's copy again from the plan alone.
     state.save_plan(
         redis,
         export_id,
-        {"plan": plan_json, "steps": steps, "target": target},
+        {"plan": plan_json, "steps": steps, "target": target, "source": source},
         config.result_expires,
     )
+    if not redis.exists(f"cacheship-finished-{export_id}"):
+        watchdog.touch(redis, export_id)  # watched from now on, until it ends
     meta = {
         "export_id": export_id,
         "phase": "copying",
@@ -163,11 +167,12 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
             plan.layers, parallelism=SKIP_CHECK_PARALLELISM
         )
         stored_digests = sorted(digest for digest, present in found.items() if present)
-        first = bool(
-            redis.set(marker, json.dumps(stored_digests), nx=True, ex=config.result_expires)
-        )
+        # The token tells our own write, read back after a retried SET NX, from another's.
+        mine = json.dumps({"stored": stored_digests, "by": uuid.uuid4().hex})
+        first = bool(redis.set(marker, mine, nx=True, ex=config.result_expires))
         if not first:
             known = redis.get(marker)
+            first = (known.decode() if isinstance(known, bytes) else known) == mine
     if not first:
         found = {digest: True for digest in _stored_at_dispatch(known)}
     layer_ids = [step["task_id"] for step in steps[: len(plan.layers)]]
@@ -210,6 +215,8 @@ def _stored_at_dispatch(raw: Any) -> list[str]:
         value = json.loads(raw)
     except (TypeError, ValueError):
         return []
+    if isinstance(value, dict):
+        value = value.get("stored")
     return [str(d) for d in value] if isinstance(value, list) else []
 
 

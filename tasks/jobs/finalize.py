@@ -11,8 +11,9 @@ from typing import Any, NoReturn
 
 from celery import Task, shared_task
 
-from tasks import registry, state
+from tasks import registry, state, watchdog
 from tasks.jobs.common import (
+    PATIENT,
     ExportFailed,
     finish_export,
     open_target,
@@ -27,7 +28,7 @@ from tasks.publish import IncompleteCacheError
 from tasks.request import S3Spec, target_from_json
 
 
-@shared_task(bind=True, name="cacheship.finalize", max_retries=None)
+@shared_task(bind=True, name="cacheship.finalize", **PATIENT)
 def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str) -> dict[str, Any]:
     config = settings()
     redis = redis_of(self)
@@ -59,6 +60,7 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         self.backend.store_result(export_id, meta, PROGRESS)
         self.update_state(state=PROGRESS, meta={"export_id": export_id, "phase": phase,
                                                 "current": current})
+        watchdog.touch(redis, export_id)
 
     try:
         # A recorded outcome was written after the store itself confirmed the blob (upload
