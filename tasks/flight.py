@@ -224,3 +224,8 @@ def single_flight(
         _renewals.drop(lease)
         with suppress(Exception):  # Redis gone: the key lapses with its ttl
             lease.release()
+
+
+def renewing() -> bool:
+    """True while this process's renewal thread runs."""
+    return _renewals.running()

@@ -129,7 +129,7 @@ def store_success(pipe: Any, backend: Any, task_id: str, result: Any, done_at: s
     }
     key, value = result_key(backend, task_id), backend.encode(meta)
     if backend.expires:
-        pipe.setex(key, backend.expires, value)
+        pipe.set(key, value, ex=int(backend.expires))
     else:
         pipe.set(key, value)
     pipe.publish(key, value)
@@ -189,7 +189,7 @@ def channel_redis(channel: Any) -> Any:
     return channel.client
 
 
-def _task_id(raw: Any) -> str | None:
+def message_task_id(raw: Any) -> str | None:
     try:
         message = json.loads(raw)
     except (TypeError, ValueError):
@@ -208,7 +208,7 @@ def queued_task_ids(client: Any, queue: str) -> set[str]:
     found: set[str] = set()
     for name in queue_lists(queue):
         for raw in client.lrange(name, 0, -1):
-            task_id = _task_id(raw)
+            task_id = message_task_id(raw)
             if task_id:
                 found.add(task_id)
     return found
@@ -219,7 +219,7 @@ def held_task_ids(client: Any) -> set[str]:
     reserved, or waiting for a retry's countdown)."""
     found: set[str] = set()
     for raw in client.hvals(unacked_key()):
-        task_id = _task_id(raw)
+        task_id = message_task_id(raw)
         if task_id:
             found.add(task_id)
     return found

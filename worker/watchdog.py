@@ -19,6 +19,7 @@ from celery.utils.log import get_logger
 from tasks import state
 from tasks import watchdog as policy
 from tasks.flight import Lease
+from tasks.jobs.common import OUTAGE_NAMES
 from tasks.settings import get_settings
 from worker import internals
 
@@ -134,8 +135,11 @@ def _states(celery: Celery, redis: Any, task_ids: list[str]) -> dict[str, tuple[
         error = None
         if status == "FAILURE":
             result = meta.get("result")
-            if isinstance(result, dict):
-                error = f"{result.get('exc_type', 'Error')}: {result.get('exc_message', '')}"
+            kind = str(result.get("exc_type", "")) if isinstance(result, dict) else ""
+            if kind in OUTAGE_NAMES:
+                status = "LOST"  # lost to a Redis outage: sent again, not a failure
+            elif isinstance(result, dict):
+                error = f"{kind or 'Error'}: {result.get('exc_message', '')}"
             else:
                 error = str(result)
         found[tid] = (status, error)

@@ -10,6 +10,7 @@ FAILURE with its reason, under its own name.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -51,14 +52,45 @@ REDIS_DOWN: tuple[type[Exception], ...] = (
     OperationalError,
 )
 
-#: Task options shared by every task of an export: retried while Redis is down.
-PATIENT: dict[str, Any] = {
-    "autoretry_for": REDIS_DOWN,
-    "retry_backoff": 2,
-    "retry_backoff_max": 30,
-    "retry_jitter": True,
-    "max_retries": None,
-}
+#: Task options shared by every task of an export.
+PATIENT: dict[str, Any] = {"max_retries": None}
+
+#: Failures that lost a task to a Redis outage rather than ending it: the watchdog sends such
+#: a task again instead of failing its export.
+OUTAGE_NAMES = frozenset({"ConnectionError", "TimeoutError", "OperationalError", "Reject"})
+
+
+def waits_out_redis(
+    func: Callable[..., dict[str, Any]],
+) -> Callable[..., dict[str, Any]]:
+    """A task body that outlives a Redis outage: should Redis stay unreachable longer than
+    the client's own patience, wait for it here (the retry is a message in Redis, which
+    could not be sent now), then retry the task."""
+
+    @functools.wraps(func)
+    def run(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return func(self, *args, **kwargs)
+        except REDIS_DOWN as exc:
+            wait_for_redis(self, f"{self.name}[{self.request.id}]")
+            raise self.retry(exc=exc, countdown=1) from None
+
+    return run
+
+
+def wait_for_redis(task: Task[Any, Any], what: str) -> None:
+    """Block until Redis answers again (each PING is itself retried for the patience)."""
+    config = settings()
+    deadline = time.monotonic() + config.redis_patience
+    logger.warning("%s: Redis unreachable; waiting for it", what)
+    while True:
+        try:
+            redis_of(task).ping()
+            return
+        except REDIS_DOWN:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 class ExportFailed(Exception):
@@ -142,8 +174,8 @@ def retry_or_fail(
     retries = task.request.retries
     if isinstance(exc, REDIS_DOWN):
         # Not the store's fault, and not counted against its retries: wait for Redis.
-        logger.warning("%s: Redis unreachable (%s); retrying", what, type(exc).__name__)
-        raise task.retry(args=args, exc=exc, countdown=2) from None
+        wait_for_redis(task, what)
+        raise task.retry(args=args, exc=exc, countdown=1) from None
     if not is_transient(exc):
         on_give_up()
         raise ExportFailed(f"{what}: {type(exc).__name__}: {exc}") from None
@@ -386,6 +418,8 @@ def _failed_outside_handling(
         return
     if isinstance(exception, ExportFailed) or not args:
         return
+    if type(exception).__name__ in OUTAGE_NAMES:
+        return  # lost to a Redis outage, not failed: the watchdog sends it again
     export_id = str(args[0] if name == "cacheship.copy_layer" else args[-1])
     what = "finalize" if name == "cacheship.finalize" else f"layer task {task_id}"
     try:

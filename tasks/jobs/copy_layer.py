@@ -20,14 +20,17 @@ from tasks.cacheformat import Descriptor
 from tasks.jobs.common import (
     PATIENT,
     PERMANENT,
+    REDIS_DOWN,
     ExportFailed,
     cancelled,
     finish_export,
+    logger,
     open_blob,
     open_target,
     redis_of,
     retry_or_fail,
     settings,
+    waits_out_redis,
 )
 from tasks.plan import desc_from_json
 from tasks.progress import PROGRESS, Throttle, layer_step, now_iso, step_meta
@@ -51,6 +54,7 @@ def _size(size: float) -> str:
 
 
 @shared_task(bind=True, name="cacheship.copy_layer", **PATIENT)
+@waits_out_redis
 def copy_layer(
     self: Task[Any, Any],
     export_id: str,
@@ -95,7 +99,10 @@ def copy_layer(
         moved()
         # Flower shows a custom event's type as the state (PROGRESS) but only Celery's own
         # task fields; ``result`` carries the same metadata so the task page shows the bytes.
-        self.send_event("task-progress", result=json.dumps(meta), **meta)
+        try:
+            self.send_event("task-progress", result=json.dumps(meta), **meta)
+        except REDIS_DOWN as exc:  # a row in Flower is not worth stopping the copy for
+            logger.warning("%s: progress event not sent: %s", step, type(exc).__name__)
 
     # A layer that is done within one interval never publishes PROGRESS: its STARTED and
     # SUCCESS states say it all, and each publication costs Redis round trips per layer.

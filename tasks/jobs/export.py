@@ -31,6 +31,7 @@ from tasks.jobs.common import (
     redis_of,
     retry_or_fail,
     settings,
+    waits_out_redis,
 )
 from tasks.jobs.copy_layer import copy_layer, layer_title
 from tasks.jobs.finalize import finalize
@@ -78,6 +79,7 @@ def describe(target: S3Spec | LocalTargetSpec) -> str:
 
 
 @shared_task(bind=True, name="cacheship.export", **PATIENT)
+@waits_out_redis
 def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     config = settings()
     export_id = str(self.request.id)

@@ -20,6 +20,7 @@ from tasks.jobs.common import (
     redis_of,
     retry_or_fail,
     settings,
+    waits_out_redis,
 )
 from tasks.names import NameWrite, NameWriteError
 from tasks.plan import ExportPlan
@@ -29,6 +30,7 @@ from tasks.request import S3Spec, target_from_json
 
 
 @shared_task(bind=True, name="cacheship.finalize", **PATIENT)
+@waits_out_redis
 def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str) -> dict[str, Any]:
     config = settings()
     redis = redis_of(self)
