@@ -81,7 +81,7 @@ def copy_layer(
     def moved() -> None:
         """Bytes moved, or this layer waits for another export's upload of its blob."""
         nonlocal touched
-        if time.monotonic() - touched >= MOVED_EVERY:
+        if time.monotonic() - touched >= min(MOVED_EVERY, config.stall_timeout / 4):
             touched = time.monotonic()
             watchdog.touch(redis, export_id)
 
