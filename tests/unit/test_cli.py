@@ -641,6 +641,10 @@ def test_the_client_keeps_results_as_long_as_the_workers(monkeypatch: pytest.Mon
     assert Client("redis://127.0.0.1:1/0").result_expires == Settings().result_expires
     monkeypatch.setenv("CACHESHIP_RESULT_EXPIRES", "3600")
     assert Client("redis://127.0.0.1:1/0").result_expires == Settings().result_expires == 3600
+    monkeypatch.delenv("CACHESHIP_REDIS_PATIENCE", raising=False)
+    assert Client("redis://127.0.0.1:1/0").redis_patience == Settings().redis_patience
+    monkeypatch.setenv("CACHESHIP_REDIS_PATIENCE", "30")
+    assert Client("redis://127.0.0.1:1/0").redis_patience == Settings().redis_patience == 30
 
 
 def test_help_and_export_import_neither_celery_nor_boto3() -> None:
