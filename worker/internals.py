@@ -26,7 +26,6 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 #: ``argsrepr``'s length in Celery's own messages (``Task.argsrepr_maxsize``).
@@ -183,32 +182,6 @@ def rescore_held(channel: Any, pipe: Any, tags: dict[str, float]) -> None:
     unacknowledged; an acknowledged one must not come back.
     """
     pipe.zadd(channel.unacked_index_key, tags, xx=True)
-
-
-def gate_restores(allowed: Callable[[], bool]) -> None:
-    """Let kombu's sweep put back lapsed messages only while ``allowed()``.
-
-    The sweep (any worker's, every few seconds, and at once when its consumer connects)
-    hands every message scored older than the visibility timeout to the queue again. After
-    a Redis outage longer than that timeout every held message looks lapsed, though its
-    worker is alive and renews it seconds later: the sweep must wait for those renewals.
-    Wraps ``kombu.transport.redis.QoS.restore_visible`` (idempotent).
-    """
-    from kombu.transport.redis import QoS
-
-    original = QoS.restore_visible
-    if getattr(original, "cacheship_gated", False):
-        QoS.restore_visible.cacheship_allowed = allowed  # type: ignore[attr-defined]
-        return
-
-    def restore_visible(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if not restore_visible.cacheship_allowed():  # type: ignore[attr-defined]
-            return None
-        return original(self, *args, **kwargs)
-
-    restore_visible.cacheship_gated = True  # type: ignore[attr-defined]
-    restore_visible.cacheship_allowed = allowed  # type: ignore[attr-defined]
-    QoS.restore_visible = restore_visible  # type: ignore[method-assign]
 
 
 def channel_redis(channel: Any) -> Any:

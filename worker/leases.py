@@ -23,13 +23,7 @@ import weakref
 from typing import Any
 
 from celery import Celery
-from celery.signals import (
-    heartbeat_sent,
-    task_received,
-    worker_init,
-    worker_ready,
-    worker_shutdown,
-)
+from celery.signals import heartbeat_sent, task_received, worker_ready, worker_shutdown
 from celery.utils.log import get_logger
 
 from tasks import flight
@@ -74,26 +68,6 @@ def renew_once(channel: Any, hostname: str, interval: float, now: float | None =
     return len(tags)
 
 
-#: Monotonic time from which kombu's sweep may put lapsed messages back (see sweeps_allowed).
-_sweeps: dict[str, float] = {"from": float("inf")}
-
-
-def sweeps_allowed() -> bool:
-    """True once every live worker has had time to renew since this one last reached Redis.
-
-    Closed when this worker starts and whenever a renewal fails (Redis unreachable); opened
-    two renewal intervals after the next successful renewal. After an outage longer than the
-    lease every held message looks lapsed: the sweep would hand running copies to a second
-    worker; the holders renew within seconds of Redis coming back, and the sweep waits.
-    """
-    return time.monotonic() >= _sweeps["from"]
-
-
-def _renewed(interval: float) -> None:
-    if _sweeps["from"] == float("inf"):
-        _sweeps["from"] = time.monotonic() + 2 * interval
-
-
 def _keep(celery: Celery, hostname: str) -> None:
     """Renew every ``interval``; a failed round (Redis down, a black-holed connection cut by
     its socket timeout) is tried again on a fresh connection within two seconds."""
@@ -104,14 +78,12 @@ def _keep(celery: Celery, hostname: str) -> None:
                 channel = conn.default_channel
                 while True:
                     renew_once(channel, hostname, interval)
-                    _renewed(interval)
                     _keeper["rounds"] = _keeper.get("rounds", 0) + 1
                     # The blob locks' renewal thread, started again should it have stopped.
                     flight.ensure_renewing()
                     if _stop.wait(interval):
                         return
         except Exception as exc:  # Redis restarting: try again next round
-            _sweeps["from"] = float("inf")
             logger.warning("lease renewal failed (%s); retrying", type(exc).__name__)
             if _stop.wait(min(interval, 2.0)):
                 return
@@ -137,13 +109,6 @@ def ensure_keeper() -> bool:
     logger.warning("lease renewal thread was not running; started again")
     start_keeper(_keeper["app"], _keeper["hostname"])
     return True
-
-
-@worker_init.connect
-def _gate(**_: Any) -> None:
-    """Before the consumer starts: its first sweep waits for this worker's first renewal."""
-    _sweeps["from"] = float("inf")
-    internals.gate_restores(sweeps_allowed)
 
 
 @worker_ready.connect

@@ -180,33 +180,3 @@ def test_kombu_unacked_entries_carry_the_task_message_first() -> None:
     assert internals.message_task_id(entry) == "abc"
     assert internals.message_task_id(json.dumps({"headers": {"id": "def"}})) == "def"
     assert internals.message_task_id("not json") is None
-
-
-def test_gate_restores_holds_kombus_sweep_of_lapsed_messages(
-    app: Celery, redis_server: ServerProcess
-) -> None:
-    task_id = str(uuid.uuid4())
-    app.send_task("cacheship.copy_layer", args=["x"], task_id=task_id, queue=QUEUE)
-    conn = redis.Redis.from_url(redis_server.url)
-    received = []
-    open_gate = {"value": False}
-    internals.gate_restores(lambda: open_gate["value"])
-    try:
-        with app.connection_for_read() as connection:
-            channel = connection.default_channel
-            with Consumer(channel, [Queue(QUEUE)], callbacks=[lambda b, m: received.append(m)]):
-                deadline = time.monotonic() + 10
-                while not received and time.monotonic() < deadline:
-                    connection.drain_events(timeout=1)
-            tag = str(received[0].delivery_tag)
-            with internals.channel_redis(channel).pipeline() as pipe:  # lapsed long ago
-                internals.rescore_held(channel, pipe, {tag: time.time() - 3600})
-                pipe.execute()
-            channel.qos.restore_visible(num=10, interval=1)
-            assert internals.held_task_ids(conn) == {task_id}, "swept through a closed gate"
-            open_gate["value"] = True
-            channel.qos.restore_visible(num=10, interval=1)
-            assert internals.held_task_ids(conn) == set(), "kombu's sweep no longer restores"
-            assert internals.queued_task_ids(conn, QUEUE) == {task_id}
-    finally:
-        internals.gate_restores(lambda: True)
