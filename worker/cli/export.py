@@ -32,14 +32,14 @@ from worker.cli.report import (
 from worker.client import Client
 
 if TYPE_CHECKING:
-    from tasks.request import ExportRequest, LocalSpec, LocalTargetSpec, S3Spec
+    from tasks.request import ExportRequest, LocalSpec, LocalTargetSpec, RegistrySpec, S3Spec
     from worker.client import Snapshot
 
 # Rich, the request models and the watch view are imported where they are used: without
 # --wait the command needs the models and redis-py only, and returns within a quarter second.
 
 
-def _absolute(spec: LocalSpec | S3Spec) -> LocalSpec | S3Spec:
+def _absolute(spec: LocalSpec | S3Spec | RegistrySpec) -> LocalSpec | S3Spec | RegistrySpec:
     """A relative ``src`` means the current directory here, not the worker's."""
     from tasks.request import LocalSpec
 
@@ -48,7 +48,9 @@ def _absolute(spec: LocalSpec | S3Spec) -> LocalSpec | S3Spec:
     return spec
 
 
-def _absolute_dest(spec: LocalTargetSpec | S3Spec) -> LocalTargetSpec | S3Spec:
+def _absolute_dest(
+    spec: LocalTargetSpec | S3Spec | RegistrySpec,
+) -> LocalTargetSpec | S3Spec | RegistrySpec:
     """A relative ``dest`` too."""
     from tasks.request import LocalTargetSpec
 
@@ -57,7 +59,9 @@ def _absolute_dest(spec: LocalTargetSpec | S3Spec) -> LocalTargetSpec | S3Spec:
     return spec
 
 
-def check_local_source(spec: LocalSpec | S3Spec, given: str, option: str) -> None:
+def check_local_source(
+    spec: LocalSpec | S3Spec | RegistrySpec, given: str, option: str
+) -> None:
     """Refuse at enqueue time what the workers would refuse, when this host can tell.
 
     With ``CACHESHIP_SOURCE_ROOTS`` set here (the demo's env file and the compose ``.env``
