@@ -27,6 +27,7 @@ from tests.integration.test_local_target import buildkit_layout, tree
 from tests.registryserver import PASSWORD, USER, Registry, docker_config, running_registry
 from tests.stack import Worker
 from worker.client import Client, ExportError
+from worker.embedded import ServerProcess
 from worker.samplecache import SampleCache, write_layout, write_sample_cache
 
 MiB = 1024 * 1024
@@ -198,28 +199,40 @@ def test_registry_to_registry_in_one_registry_moves_no_blob_bytes(
 def test_a_worker_killed_mid_chunked_upload_is_resumed_where_the_registry_stood(
     env: dict[str, str], tmp_path: Path, source_root: Path, dest_root: Path,
     workers: Callable[..., Worker], client: Client, registry: Registry,
+    redis_server: ServerProcess,
 ) -> None:
-    cache = write_sample_cache(source_root / "one", [10 * MiB], seed=34, image_manifest=True)
+    import redis as redis_lib
+
+    from tasks.backends.registry.upload import session_key
+
+    cache = write_sample_cache(source_root / "one", [40 * MiB], seed=34, image_manifest=True)
     layer = cache.layers[0]
-    with FaultProxy(registry.url, FaultPlan(bandwidth=2 * MiB), max_seconds=300) as relay:
+    redis = redis_lib.Redis.from_url(redis_server.url)
+    chunk = 16 * MiB  # larger than what the kernel buffers between worker and relay
+    with FaultProxy(registry.url, FaultPlan(bandwidth=4 * MiB), max_seconds=300) as relay:
         host = f"127.0.0.1:{relay.port}"
         worker_env = registry_env(env, tmp_path, source_root, dest_root, host,
-                                  CACHESHIP_VISIBILITY_TIMEOUT="10")
+                                  CACHESHIP_VISIBILITY_TIMEOUT="10",
+                                  CACHESHIP_REGISTRY_CHUNK_SIZE=str(chunk))
         first = workers(worker_env, name="first", concurrency=1)
         export_id = client.submit({"source": {"type": "local", "src": str(cache.path)},
                                    "target": reg(host, "ci/big:main")})
+        # Killed while sending a chunk: one is acknowledged and recorded, the second is on
+        # its way (a chunk takes four seconds through the relay).
+        key = session_key(host, "ci/big", layer.digest)
         deadline = time.monotonic() + 90
-        while relay.stats.operations["PATCH"] < 4:
-            assert time.monotonic() < deadline, "the upload never got four chunks in"
-            time.sleep(0.05)
+        while (raw := redis.get(key)) is None or json.loads(raw)["offset"] < chunk:
+            assert time.monotonic() < deadline, "the upload never got a chunk in"
+            time.sleep(0.02)
+        time.sleep(1.0)
         first.kill_all()
-        time.sleep(1.0)  # a chunk the relay had fully received still lands
+        time.sleep(1.0)
         patches = relay.stats.operations["PATCH"]
         uploads = list((registry.root / "docker/registry/v2/repositories/ci/big/_uploads")
                        .glob("*/data"))
         assert len(uploads) == 1
         stood = uploads[0].stat().st_size
-        assert stood >= 3 * MiB
+        assert stood == chunk  # the chunk cut mid-way never reached the registry
         relay.plan = FaultPlan()
         workers(worker_env, name="second", concurrency=1)
         result = client.wait(export_id, timeout=120, interval=0.2)
