@@ -248,6 +248,7 @@ def test_a_worker_killed_mid_chunked_upload_is_resumed_where_the_registry_stood(
 def test_authenticated_registries_with_config_json_or_a_credential_helper(
     mode: str, how: str, env: dict[str, str], tmp_path: Path, source_root: Path,
     dest_root: Path, workers: Callable[..., Worker], client: Client,
+    redis_server: ServerProcess,
 ) -> None:
     cache = write_sample_cache(source_root / "app", [200_000, 100_000], seed=35,
                                image_manifest=True)
@@ -279,7 +280,18 @@ def test_authenticated_registries_with_config_json_or_a_credential_helper(
         client.wait(client.submit({"source": reg(registry.host, "ci/app"),
                                    "target": {"type": "local", "dest": str(node)}}), 120)
         assert tree(node) == buildkit_layout(cache)
+        # The password stays on the worker: not in its log, not in Redis (messages, results).
         assert PASSWORD not in worker.log()
+        import redis as redis_lib
+
+        store = redis_lib.Redis.from_url(redis_server.url)
+        for key in store.scan_iter():
+            kind = store.type(key)
+            values = [store.get(key)] if kind == b"string" else (
+                list(store.hgetall(key).values()) if kind == b"hash" else
+                store.lrange(key, 0, -1) if kind == b"list" else []
+            )
+            assert all(PASSWORD.encode() not in (v or b"") for v in values), key
 
 
 def test_a_config_over_one_mebibyte_is_refused_with_the_remedy(
@@ -375,3 +387,52 @@ def test_bad_refs_unknown_tags_and_refusing_registries_fail_clearly_leaving_noth
         assert "PUT manifest" in said or "HEAD manifest" in said
         failing.clear()
         assert manifest_of(registry, "ci/m500", "latest") is None
+
+
+def test_builds_merged_into_one_tag_under_the_fleet_lock_and_verified_by_the_cli(
+    env: dict[str, str], tmp_path: Path, source_root: Path, dest_root: Path,
+    workers: Callable[..., Worker], client: Client, registry: Registry,
+) -> None:
+    import subprocess
+    import sys
+
+    from tasks.cacheformat import decode_config
+
+    builds = [
+        write_sample_cache(source_root / f"build-{n}", [120_000 + n * 1000, 50_000],
+                           seed=200 + n, image_manifest=True)
+        for n in range(3)
+    ]
+    worker_env = registry_env(env, tmp_path, source_root, dest_root, registry.host)
+    workers(worker_env, name="merge-a", concurrency=2)
+    workers(worker_env, name="merge-b", concurrency=2)
+    target = reg(registry.host, "ci/app:main", merge=True)
+    ids = [client.submit({"source": {"type": "local", "src": str(cache.path)},
+                          "target": target}) for cache in builds]
+    results = [client.wait(export_id, 180) for export_id in ids]
+    merges = [r["merged"][0] for r in results]
+    # One after another: each merge saw the ones before it.
+    assert sorted(m["records_existing"] > 0 for m in merges) == [False, True, True]
+    data = manifest_of(registry, "ci/app", "main")
+    assert data is not None
+    contents = decode_manifest(data)
+    stored = {d.digest for d in contents.layers}
+    for cache in builds:
+        assert {d.digest for d in cache.layers} <= stored
+    config = decode_config(blob_of(registry, "ci/app", contents.config.digest))
+    keys = {record.digest for record in config.records}
+    for n in range(3):
+        step = "sha256:" + hashlib.sha256(f"step-{200 + n}-1".encode()).hexdigest()
+        assert step in keys
+
+    cacheship = str(Path(sys.executable).with_name("cacheship"))
+    spec = f"type=registry,ref={registry.host}/ci/app:main,registry.insecure=true"
+    verified = subprocess.run([cacheship, "verify", "--cache", spec, "--deep"], env=worker_env,
+                              capture_output=True, text=True, timeout=120, check=False)
+    assert verified.returncode == 0, verified.stderr
+    assert f"--cache-from type=registry,ref={registry.host}/ci/app:main" in verified.stdout
+    missing = subprocess.run(
+        [cacheship, "verify", "--cache", spec.replace(":main", ":gone")], env=worker_env,
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert missing.returncode != 0 and "MANIFEST_UNKNOWN" in missing.stderr + missing.stdout
