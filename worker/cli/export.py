@@ -183,15 +183,15 @@ def follow(
     "--from",
     "source",
     metavar="SRC",
-    help="The cache to copy: type=local,src=DIR (as --cache-to type=local,dest=DIR wrote it) "
-    "or type=s3,bucket=...",
+    help="The cache to copy: type=local,src=DIR (as --cache-to type=local,dest=DIR wrote it), "
+    "type=s3,bucket=... or type=registry,ref=HOST/REPO[:TAG|@DIGEST]",
 )
 @click.option(
     "--to",
     "target",
     metavar="DST",
-    help="Where to write it: type=s3,bucket=B[,region=R,name=N,prefix=P,...] or "
-    "type=local,dest=DIR[,tag=T] (buildx's form).",
+    help="Where to write it: type=s3,bucket=B[,region=R,name=N,prefix=P,...], "
+    "type=registry,ref=HOST/REPO[:TAG] or type=local,dest=DIR[,tag=T] (buildx's form).",
 )
 @click.option(
     "--request",

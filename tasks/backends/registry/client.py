@@ -351,7 +351,10 @@ class RegistryClient:
         credentials (httpx drops ``Authorization`` across origins).
         """
         what = f"GET blob {digest} from {repository}"
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        # The blob's own bytes: no transfer encoding a proxy could add on the way.
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
         url = self.url(f"/v2/{repository}/blobs/{digest}")
         scopes = [auth.pull_scope(repository)]
         for _ in range(5):

@@ -93,12 +93,12 @@ class RegistryTarget:
         if not known_absent and self.client.blob_size(self.repository, layer.digest) == layer.size:
             return CopyOutcome(layer.digest, layer.size, "skipped")
         # A mount moves zero bytes through the worker; a 202 means the registry wants an upload.
-        if (
-            self.mount_from
-            and self.mount_from != self.repository
-            and self.client.mount(self.repository, layer.digest, self.mount_from) is None
-        ):
-            return CopyOutcome(layer.digest, layer.size, "mounted")
+        if self.mount_from and self.mount_from != self.repository:
+            offered = self.client.mount(self.repository, layer.digest, self.mount_from)
+            if offered is None:
+                return CopyOutcome(layer.digest, layer.size, "mounted")
+            with contextlib.suppress(Exception):  # the upload below opens its own session
+                self.client.cancel_upload(self.repository, offered)
         name = self._lock(layer.digest)
         waited = False
 
