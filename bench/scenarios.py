@@ -120,6 +120,12 @@ class Context:
     upload_parallelism: int
     part_size: int
     log: Callable[[str], None]
+    #: The URL every S3 client of this condition uses (the server's, or the delay line's).
+    s3_url: str = ""
+    #: ``loopback``, or the delay line's round trip (``20 ms``): the rows' suffix.
+    condition: str = "loopback"
+    #: The harness binary running BuildKit's own S3 exporter (``--buildkit-exporter``).
+    buildkit_exporter: str | None = None
     _seed: int = 100
 
     @property
