@@ -86,6 +86,12 @@ def line(end: LayerEnd) -> str:
     return " ".join(fields) + "\n"
 
 
+def running_mark(digest: str) -> str:
+    """What a ledger holds when it has ``digest`` still running: its line's start."""
+    short = digest[len(SHA256):] if digest.startswith(SHA256) else digest
+    return f"\nA- {short} "
+
+
 def encode(other_steps: list[dict[str, Any]], layers: list[LayerEnd]) -> str:
     return header(other_steps) + "".join(line(end) for end in layers)
 

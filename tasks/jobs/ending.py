@@ -20,7 +20,7 @@ from typing import Any
 
 from celery import Task
 from celery.signals import task_postrun, task_revoked
-from celery.states import FAILURE, PENDING, RETRY, REVOKED, SUCCESS
+from celery.states import FAILURE, IGNORED, PENDING, RETRY, REVOKED, SUCCESS
 from celery.utils.log import get_task_logger
 
 from tasks import ledger, state
@@ -146,6 +146,47 @@ def _ended(backend: Any, export_id: str) -> bool:
     return bool(backend.client.exists(finished_key(export_id)))
 
 
+def _late_end(layer: dict[str, Any], state: str, retval: Any) -> ledger.LayerEnd:
+    outcome = retval if isinstance(retval, dict) else {}
+    return ledger.LayerEnd(
+        digest=str(layer["digest"]),
+        size=int(layer["size"]),
+        state=state,
+        action=outcome.get("action"),
+        bytes_sent=int(outcome.get("bytes_sent", 0)),
+        bytes_resumed=int(outcome.get("bytes_resumed", 0)),
+        error=None if state == SUCCESS else str(retval),
+    )
+
+
+# Appends a line to the late ledger (KEYS[2]) when the ledger (KEYS[1]) exists and, with
+# ARGV[4] = "1", only when it holds ARGV[3] (the layer's "still running" line start).
+_ADD_LATE = """
+local body = redis.call('GET', KEYS[1])
+if not body then return 0 end
+if ARGV[4] == '1' and not string.find(body, ARGV[3], 1, true) then return 0 end
+redis.call('APPEND', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[2]))
+return 1
+"""
+
+
+def _add_late(
+    backend: Any, export_id: str, end: ledger.LayerEnd, ttl: int, only_if_running: bool = False
+) -> None:
+    """One round trip; a ledger never written (or expired) gets no headless late lines."""
+    backend.client.eval(
+        _ADD_LATE,
+        2,
+        ledger.ledger_key(export_id),
+        ledger.late_key(export_id),
+        ledger.line(end),
+        ttl,
+        ledger.running_mark(end.digest),
+        "1" if only_if_running else "0",
+    )
+
+
 @task_postrun.connect
 def _after_task(
     sender: Any = None,
@@ -168,22 +209,12 @@ def _after_task(
             return
         settings = get_settings()
         if layer is not None and state in (SUCCESS, FAILURE):
-            end = ledger.LayerEnd(
-                digest=str(layer["digest"]),
-                size=int(layer["size"]),
-                state=str(state),
-                action=retval.get("action") if isinstance(retval, dict) else None,
-                bytes_sent=int(retval.get("bytes_sent", 0)) if isinstance(retval, dict) else 0,
-                bytes_resumed=(
-                    int(retval.get("bytes_resumed", 0)) if isinstance(retval, dict) else 0
-                ),
-                error=None if state == SUCCESS else str(retval),
-            )
-            late = ledger.late_key(export_id)
-            with backend.client.pipeline(transaction=False) as pipe:
-                pipe.append(late, ledger.line(end))
-                pipe.expire(late, settings.result_expires)
-                pipe.execute()
+            _add_late(backend, export_id, _late_end(layer, state, retval), settings.result_expires)
+        elif layer is not None and state == IGNORED:
+            # It found its export cancelled and stopped: said only where the ledger had it
+            # running (it started as the export failed), not again for every revoked layer.
+            end = ledger.LayerEnd(str(layer["digest"]), int(layer["size"]), REVOKED)
+            _add_late(backend, export_id, end, settings.result_expires, only_if_running=True)
         own = [task_id] if layer is not None else []
         sweep(task, export_id, own, settings.layer_results_expires)
     except Exception as exc:  # it then expires with CACHESHIP_RESULT_EXPIRES
@@ -194,7 +225,7 @@ def _after_task(
 def _revoked_after_end(sender: Any = None, request: Any = None, **_: Any) -> None:
     """A layer dropped as revoked (its export failed) was stored REVOKED: keep it short.
 
-    The ledger already says REVOKED for it: nothing is added there.
+    The ledger already says so, unless the layer was running at the end (then retried).
     """
     task_id = getattr(request, "id", None)
     found = _late(sender, getattr(request, "args", None), getattr(request, "kwargs", None))
@@ -202,8 +233,13 @@ def _revoked_after_end(sender: Any = None, request: Any = None, **_: Any) -> Non
         return
     export_id, layer = found
     try:
-        if _ended(sender.backend, export_id):
-            own = [task_id] if layer is not None else []
-            sweep(sender, export_id, own, get_settings().layer_results_expires)
+        if not _ended(sender.backend, export_id):
+            return
+        settings = get_settings()
+        if layer is not None:  # e.g. running when its export failed, then retrying
+            end = ledger.LayerEnd(str(layer["digest"]), int(layer["size"]), REVOKED)
+            _add_late(sender.backend, export_id, end, settings.result_expires, True)
+        own = [task_id] if layer is not None else []
+        sweep(sender, export_id, own, settings.layer_results_expires)
     except Exception as exc:
         logger.warning("task %s: not shortened after its export ended: %s", task_id, exc)

@@ -98,3 +98,11 @@ def test_the_derived_ids_are_the_exports() -> None:
 def test_what_is_not_a_ledger_is_refused_by_line(raw: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ledger.decode(raw)
+
+
+def test_the_running_mark_finds_only_a_running_line() -> None:
+    folded = [LayerEnd(_digest(1), 5, "STARTED"), LayerEnd(_digest(2), 6, "REVOKED")]
+    body = ledger.encode(OTHERS, folded)
+    assert ledger.running_mark(_digest(1)) in body
+    assert ledger.running_mark(_digest(2)) not in body
+    assert ledger.running_mark(_digest(3)) not in body
