@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.allow import URLRefused, origin
+
 CREDENTIAL_KEYS = frozenset(
     {
         "access_key_id",
@@ -33,6 +35,7 @@ CREDENTIAL_KEYS = frozenset(
     }
 )
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REGION = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_NAME_BYTES = 1024
@@ -246,6 +249,14 @@ class S3Spec(_BuildxTarget):
             raise ValueError("must be 3-63 characters of a-z, 0-9, '.' and '-'")
         return value
 
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str | None) -> str | None:
+        # Without an endpoint, the region is part of the host name botocore builds.
+        if value is not None and not _REGION.fullmatch(value):
+            raise ValueError("must be a region name (letters, digits and '-')")
+        return value
+
     @field_validator("prefix", "blobs_prefix", "manifests_prefix")
     @classmethod
     def _prefixes(cls, value: str) -> str:
@@ -272,8 +283,11 @@ class S3Spec(_BuildxTarget):
     @field_validator("endpoint_url")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError("must be an http:// or https:// URL")
+        if value is not None:
+            try:
+                origin(value)  # a plain scheme://host[:port]; whether allowed: tasks/policy.py
+            except URLRefused as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @field_validator("touch_refresh", mode="before")

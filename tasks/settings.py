@@ -11,10 +11,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from tasks.allow import origins
 from tasks.envlist import split_list
+from tasks.policy import Policy, comma_list, make_policy
 from tasks.request import S3Spec
 
 if TYPE_CHECKING:
@@ -41,7 +43,25 @@ class Settings(BaseSettings):
     )
     allowed_buckets: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Target buckets allowed (comma-separated); empty allows any bucket.",
+        description=(
+            "Buckets exports may read and write (comma-separated); empty allows any bucket."
+        ),
+    )
+    readable_buckets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Buckets exports may read but never write or prune (comma-separated).",
+    )
+    allowed_endpoints: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "S3 endpoints a request may name besides CACHESHIP_S3_ENDPOINT_URL "
+            "(comma-separated scheme://host[:port]); empty: only that one."
+        ),
+    )
+    max_layers: int = Field(
+        default=20_000,
+        ge=1,
+        description="Layers a cache may have; a bigger one is refused before anything is copied.",
     )
     s3_endpoint_url: str | None = Field(
         default=None, description="Default S3 endpoint when a request names none (MinIO etc.)."
@@ -142,6 +162,34 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: object) -> object:
         return split_list(value)
+
+    @field_validator("readable_buckets", "allowed_endpoints", mode="before")
+    @classmethod
+    def _comma_lists(cls, value: object) -> object:
+        return comma_list(value)
+
+    @field_validator("allowed_endpoints")
+    @classmethod
+    def _endpoints(cls, value: list[str]) -> list[str]:
+        origins(value)  # each one a plain scheme://host[:port], or the worker does not start
+        return value
+
+    @model_validator(mode="after")
+    def _read_only_is_not_writable(self) -> Settings:
+        both = sorted(set(self.allowed_buckets) & set(self.readable_buckets))
+        if both:
+            raise ValueError(
+                f"readable_buckets: {', '.join(both)} also in allowed_buckets: a bucket is "
+                "either writable or read-only"
+            )
+        return self
+
+    def policy(self) -> Policy:
+        """The allow-lists every request is checked against (tasks/policy.py)."""
+        return make_policy(
+            self.s3_endpoint_url, self.allowed_endpoints, self.allowed_buckets,
+            self.readable_buckets,
+        )
 
     @field_validator("prune_keep_names", mode="before")
     @classmethod

@@ -190,13 +190,19 @@ class Client:
     def submit(self, request: ExportRequest | dict[str, Any] | str) -> str:
         """Validate here (fail fast, before anything is enqueued), then enqueue; returns the id.
 
+        Refused here with RequestError: a bad request, and an endpoint or bucket the
+        allow-lists in this process's environment forbid.
+
         The submission marker and the task message go in one transaction (one round trip):
         Redis never holds one without the other.
         """
+        from tasks.policy import check_request, policy_from_env
         from tasks.request import ExportRequest, parse_request
 
         if not isinstance(request, ExportRequest):
             request = parse_request(request)
+        # The lists of this environment, when it has them (the workers check again).
+        check_request(request, policy_from_env())
         body = request.model_dump(mode="json", by_alias=True)
         export_id = str(uuid.uuid4())
         message = task_message(

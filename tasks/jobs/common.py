@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from celery import Task
 from celery.signals import task_revoked
@@ -26,6 +26,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from tasks import metrics, registry, state
 from tasks.cacheformat import FormatError
 from tasks.ingester import DigestMismatchError, IngestError
+from tasks.policy import Access, check_spec
 from tasks.request import LocalSpec, LocalTargetSpec, RequestError, S3Spec, target_from_json
 from tasks.s3client import is_transient
 from tasks.settings import Settings, get_settings
@@ -34,6 +35,9 @@ from tasks.sources import s3 as s3_source
 from tasks.sources.common import LoadedCache, SourceError
 from tasks.stores.local import LocalTarget
 from tasks.targets import S3Target, Target
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 logger = get_task_logger("tasks.jobs")
 
@@ -57,15 +61,26 @@ def cancelled_key(export_id: str) -> str:
     return f"cacheship-cancelled-{export_id}"
 
 
-def check_allowed(spec: S3Spec, config: Settings, role: str) -> None:
-    if config.allowed_buckets and spec.bucket not in config.allowed_buckets:
-        raise RequestError(f"{role}.bucket: {spec.bucket!r} is not in CACHESHIP_ALLOWED_BUCKETS")
+def check_allowed(spec: S3Spec, config: Settings, role: str, access: Access = "write") -> None:
+    """The bucket and endpoint lists (tasks/policy.py); RequestError names the setting."""
+    check_spec(spec, config.policy(), role, access)
+
+
+def s3_client(spec: S3Spec, config: Settings, role: str, access: Access) -> S3Client:
+    """The only way tasks get an S3 client: checked against the lists every time, and
+    connected to the endpoint in the spelling that was compared."""
+    endpoint = check_spec(spec, config.policy(), role, access)
+    if endpoint != spec.endpoint_url:
+        spec = spec.model_copy(update={"endpoint_url": endpoint})
+    return config.s3_client(spec)
 
 
 def load_source(source: LocalSpec | S3Spec, config: Settings) -> LoadedCache:
     if isinstance(source, LocalSpec):
-        return local_source.load(source, config.source_roots)
-    return s3_source.load(source, config.s3_client(source))
+        return local_source.load(source, config.source_roots, max_layers=config.max_layers)
+    return s3_source.load(
+        source, s3_client(source, config, "source", "read"), max_layers=config.max_layers
+    )
 
 
 @contextmanager
@@ -73,7 +88,7 @@ def open_blob(source: LocalSpec | S3Spec, digest: str, config: Settings) -> Iter
     if isinstance(source, LocalSpec):
         stream = local_source.open_blob(source, config.source_roots, digest)
     else:
-        stream = s3_source.open_blob(source, config.s3_client(source), digest)
+        stream = s3_source.open_blob(source, s3_client(source, config, "source", "read"), digest)
     try:
         yield stream
     finally:
@@ -94,7 +109,7 @@ def open_target(
     if isinstance(spec, LocalTargetSpec):
         return LocalTarget(spec, config.dest_roots)
     return S3Target(
-        config.s3_client(spec),
+        s3_client(spec, config, "target", "write"),
         spec,
         redis,
         head_forbidden=config.s3_head_forbidden,

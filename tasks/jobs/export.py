@@ -95,7 +95,7 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
         else:
             open_target(req.target, config, redis)  # dest under CACHESHIP_DEST_ROOTS?
         if isinstance(req.source, S3Spec):
-            check_allowed(req.source, config, "source")
+            check_allowed(req.source, config, "source", "read")
         self.update_state(state=PROGRESS, meta={"export_id": export_id, "phase": "reading",
                                                 "started_at": now_iso()})
         plan = plan_export(load_source(req.source, config), req.target)

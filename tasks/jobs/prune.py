@@ -22,6 +22,7 @@ from tasks.jobs.common import (
     logger,
     redis_of,
     retry_or_fail,
+    s3_client,
     settings,
 )
 from tasks.progress import PROGRESS, now_iso
@@ -69,7 +70,7 @@ def prune(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
         self.update_state(state=PROGRESS, meta=meta)
         self.send_event("task-progress", result=json.dumps(meta), **meta)
 
-    client = config.s3_client(req.cache)
+    client = s3_client(req.cache, config, "cache", "write")
     redis = redis_of(self)
     scope = scope_of(req.cache)
     try:

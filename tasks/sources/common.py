@@ -12,8 +12,22 @@ from tasks.cacheformat import CacheConfig, Descriptor
 MAX_METADATA_BYTES = 64 * 1024 * 1024
 
 
+#: The setting that bounds a cache's layers (Settings.max_layers).
+MAX_LAYERS_SETTING = "CACHESHIP_MAX_LAYERS"
+
+
 class SourceError(ValueError):
     """The source cannot be read as a BuildKit cache; the message says which part and why."""
+
+
+def check_layer_count(count: int, max_layers: int | None) -> None:
+    """Refuse a cache with more layers than a worker plans for (every layer is a task, a
+    step in the progress record and a Flower row: memory and Redis grow with them)."""
+    if max_layers is not None and count > max_layers:
+        raise SourceError(
+            f"source: the cache has {count} layers, more than {MAX_LAYERS_SETTING} "
+            f"({max_layers}); nothing was copied"
+        )
 
 
 class MissingBlobError(SourceError):

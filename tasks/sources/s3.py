@@ -16,14 +16,20 @@ from botocore.exceptions import ClientError
 from tasks.cacheformat import FormatError, decode_config, descriptors_from_annotations
 from tasks.request import S3Spec
 from tasks.s3client import is_not_found, is_transient
-from tasks.sources.common import MAX_METADATA_BYTES, LoadedCache, MissingBlobError, SourceError
+from tasks.sources.common import (
+    MAX_METADATA_BYTES,
+    LoadedCache,
+    MissingBlobError,
+    SourceError,
+    check_layer_count,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 
-def load(spec: S3Spec, client: S3Client) -> LoadedCache:
-    """Fetch ``manifests/<first name>`` and parse it."""
+def load(spec: S3Spec, client: S3Client, max_layers: int | None = None) -> LoadedCache:
+    """Fetch ``manifests/<first name>`` and parse it; refuse over ``max_layers`` layers."""
     key = spec.manifest_key(spec.name[0])
     try:
         obj = client.get_object(Bucket=spec.bucket, Key=key)
@@ -38,6 +44,7 @@ def load(spec: S3Spec, client: S3Client) -> LoadedCache:
     data = obj["Body"].read()
     try:
         config = decode_config(data)
+        check_layer_count(len(config.layers), max_layers)
         return LoadedCache(config=config, descriptors=descriptors_from_annotations(config))
     except FormatError as exc:
         raise SourceError(f"source {key}: {exc}") from None

@@ -65,6 +65,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "endpointUrl": "https://s3.eu-west-1.amazonaws.com",
             "region": "eu-west-1",
             "allowedBuckets": ["ci-cache", "release-cache"],
+            "readableBuckets": ["golden-cache"],
+            "allowedEndpoints": ["https://backup.example.com", "http://minio.storage:9000"],
             "credentials": {"source": "irsa", "irsaRoleArn": IRSA_ROLE},
         },
         "sources": {"roots": ["/srv/caches"], "sharedVolume": {"enabled": True}},

@@ -190,6 +190,8 @@ def test_worker_settings_come_through_as_the_settings_class_reads_them(
     settings = Settings()
     assert settings.queue == "cacheship"
     assert settings.allowed_buckets == ["ci-cache", "release-cache"]
+    assert settings.readable_buckets == ["golden-cache"]
+    assert settings.allowed_endpoints == ["https://backup.example.com", "http://minio.storage:9000"]
     assert settings.source_roots == [Path("/srv/caches"), Path("/var/lib/cacheship/sources")]
     assert settings.s3_endpoint_url == "https://s3.eu-west-1.amazonaws.com"
     assert settings.s3_region == "eu-west-1"

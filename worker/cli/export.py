@@ -85,7 +85,45 @@ def check_local_source(spec: LocalSpec | S3Spec, given: str, option: str) -> Non
         fail(f"{option}: {exc}", EXIT_USAGE)
 
 
+def check_lists(request: ExportRequest, source_option: str, target_option: str) -> None:
+    """Refuse at enqueue an endpoint or bucket the lists in this environment forbid.
+
+    The lists are the workers' settings (``CACHESHIP_S3_ENDPOINT_URL``,
+    ``CACHESHIP_ALLOWED_ENDPOINTS``, ``CACHESHIP_ALLOWED_BUCKETS``,
+    ``CACHESHIP_READABLE_BUCKETS``); where none is set here, the workers decide.
+    """
+    from tasks.policy import check_spec, policy_from_env
+    from tasks.request import RequestError, S3Spec
+
+    try:
+        policy = policy_from_env()
+    except RequestError as exc:
+        fail(str(exc), EXIT_USAGE)
+    try:
+        if isinstance(request.target, S3Spec):
+            check_spec(request.target, policy, "target", "write")
+    except RequestError as exc:
+        fail(f"{target_option}: {exc}", EXIT_USAGE)
+    try:
+        if isinstance(request.source, S3Spec):
+            check_spec(request.source, policy, "source", "read")
+    except RequestError as exc:
+        fail(f"{source_option}: {exc}", EXIT_USAGE)
+
+
 def build_request(source: str | None, target: str | None, request: IO[str] | None) -> ExportRequest:
+    """The request, checked as far as this host can tell; errors exit with 2."""
+    built = _build_request(source, target, request)
+    if request is not None:
+        check_lists(built, "--request", "--request")
+    else:
+        check_lists(built, "--from", "--to")
+    return built
+
+
+def _build_request(
+    source: str | None, target: str | None, request: IO[str] | None
+) -> ExportRequest:
     """The request from ``--from``/``--to`` or from ``--request``; errors exit with 2."""
     from tasks.request import LocalSpec, RequestError, parse_request, parse_target
 

@@ -45,12 +45,17 @@ def build_request(
     dry_run: bool,
 ) -> dict[str, Any]:
     """The prune message, validated; errors exit with 2 and name the option."""
+    from tasks.policy import check_spec, policy_from_env
     from tasks.prune import parse_prune_request
     from tasks.request import RequestError, S3Spec
 
     spec = parse_option_spec(cache, "--cache", "cache")
     if not isinstance(spec, S3Spec):
         fail("--cache: only type=s3 caches can be pruned", EXIT_USAGE)
+    try:
+        check_spec(spec, policy_from_env(), "cache", "write")  # prune deletes: write access
+    except RequestError as exc:
+        fail(f"--cache: {exc}", EXIT_USAGE)
     body: dict[str, Any] = {
         "cache": spec.model_dump(mode="json", by_alias=True),
         "grace": grace,
