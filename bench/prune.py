@@ -1,12 +1,14 @@
 """Scenario 7: prune a bucket of many blobs and names against a raw boto3 list + delete.
 
-The bucket holds ``names`` names of three layers each and ``blobs`` blobs in all; every
-other blob is unreferenced. cacheship runs ``cacheship.prune`` (grace 0s) on its worker:
-list the names, read them in parallel, list the blobs, DeleteObjects 1,000 keys a request
-with the registry rechecked before each batch. The baseline lists the same prefix and
-deletes the same unreferenced keys with DeleteObjects, 1,000 a request: the floor any
-collector pays. Both sides get an identical, freshly seeded prefix per run (seeding is not
-timed).
+The bucket holds ``names`` names of three layers each, spread over ``NAME_PREFIXES``
+manifests prefixes (teams sharing one blobs prefix: the cache's own ``manifests/`` and
+``team-1/`` ... ``team-9/``), and ``blobs`` blobs in all; every other blob is unreferenced.
+cacheship runs ``cacheship.prune`` (grace 0s) on its worker: list the whole bucket, read
+every object outside the blobs prefix in parallel (the names under every prefix),
+DeleteObjects 1,000 keys a request with the registry rechecked before each batch. The
+baseline lists the same prefix and deletes the same unreferenced keys with DeleteObjects,
+1,000 a request: the floor any collector pays. Both sides get an identical, freshly
+seeded prefix per run (seeding is not timed).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
     from bench.scenarios import Context, Row
 
 LAYERS_PER_NAME = 3
+#: Manifests prefixes the names are spread over (one is the cache's own ``manifests/``).
+NAME_PREFIXES = 10
 _LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
@@ -57,6 +61,12 @@ def _name_config(first: int) -> bytes:
     return json.dumps({"layers": layers, "records": records}).encode()
 
 
+def name_prefix(n: int) -> str:
+    """Where name ``n`` lives: the cache's own manifests prefix, or one of nine others."""
+    team = n % NAME_PREFIXES
+    return "manifests/" if team == 0 else f"team-{team}/"
+
+
 def seed(client: S3Client, bucket: str, prefix: str, blobs: int, names: int) -> list[str]:
     """Write the bucket; returns the keys of the unreferenced blobs."""
     referenced = names * LAYERS_PER_NAME
@@ -68,7 +78,7 @@ def seed(client: S3Client, bucket: str, prefix: str, blobs: int, names: int) -> 
 
     def put_name(n: int) -> None:
         body = _name_config(1 + n * LAYERS_PER_NAME)
-        client.put_object(Bucket=bucket, Key=f"{prefix}manifests/name-{n:05d}", Body=body)
+        client.put_object(Bucket=bucket, Key=f"{prefix}{name_prefix(n)}name-{n:05d}", Body=body)
 
     with ThreadPoolExecutor(max_workers=32) as pool:
         list(pool.map(put_blob, range(blobs)))
@@ -133,7 +143,8 @@ def prune(ctx: Context) -> list[Row]:
             seconds, report = cacheship_prune(ctx, ctx.ours, prefix)
         finally:
             drop_prefix(ctx.s3, ctx.ours, prefix)
-        if report["blobs_removed"] != garbage_count or len(report["names_kept"]) != names:
+        found = len(report["names_kept"]) + len(report["roots_elsewhere"])
+        if report["blobs_removed"] != garbage_count or found != names:
             raise RuntimeError(f"prune scenario: unexpected report {report}")
         reports.append(report)
         return seconds
@@ -158,8 +169,9 @@ def prune(ctx: Context) -> list[Row]:
             target="report only",
             passed=None,
             notes=(
-                f"{garbage_count} blobs deleted per run; baseline = list + DeleteObjects of "
-                "the same keys, no name read; " + _cpu_note(cpu)
+                f"{garbage_count} blobs deleted per run; names over {NAME_PREFIXES} "
+                "prefixes, found by listing the whole bucket; baseline = list + "
+                "DeleteObjects of the same keys, no name read; " + _cpu_note(cpu)
             ),
             detail={"cacheship_runs": a, "baseline_runs": b, "cpu_seconds": cpu,
                     "report": reports[-1] if reports else None},

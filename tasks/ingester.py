@@ -7,12 +7,17 @@ only after size and sha256 matched. A mismatch aborts the upload, so nothing eve
 a digest's key that does not hold exactly that content.
 
 A writer that finds an unfinished upload for its key resumes it: the caller still streams
-every byte (they must be hashed), but parts already stored with the same MD5 are not sent
-again.
+every byte (they must be hashed), but parts already stored with the same content are not
+sent again. "The same" is judged by a checksum S3 keeps for each part: uploads are created
+with ``ChecksumAlgorithm=SHA256``, every part is sent with its SHA-256, and ``ListParts``
+gives those back. A part's ETag is no proof (it is not an MD5 under SSE-KMS), so it is used
+only where the store lists no checksum, and with checksums turned off
+(``CACHESHIP_S3_REQUEST_CHECKSUM=when_required``, for stores that reject them).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import threading
@@ -85,13 +90,26 @@ def touch(client: S3Client, bucket: str, key: str, size: int) -> None:
     metadata = {"updated-at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
     source: CopySourceTypeDef = {"Bucket": bucket, "Key": key}
     if size < MAX_SINGLE_COPY:
-        client.copy_object(
-            Bucket=bucket,
-            Key=key,
-            CopySource=source,
-            MetadataDirective="REPLACE",
-            Metadata=metadata,
-        )
+        if checksums_enabled(client):
+            # A blob uploaded in parts has a composite checksum of its parts; the copy gets
+            # a full-object SHA-256 of its own (some stores otherwise keep the composite
+            # value on the copy without its part count, and every checked GET then fails).
+            client.copy_object(
+                Bucket=bucket,
+                Key=key,
+                CopySource=source,
+                MetadataDirective="REPLACE",
+                Metadata=metadata,
+                ChecksumAlgorithm="SHA256",
+            )
+        else:
+            client.copy_object(
+                Bucket=bucket,
+                Key=key,
+                CopySource=source,
+                MetadataDirective="REPLACE",
+                Metadata=metadata,
+            )
         return
     upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, Metadata=metadata)[
         "UploadId"
@@ -129,15 +147,62 @@ def open_uploads(client: S3Client, bucket: str, key: str) -> list[str]:
     return ids
 
 
+def _open_uploads_by_algorithm(client: S3Client, bucket: str, key: str) -> list[tuple[str, str]]:
+    """Unfinished uploads of exactly this key, with the checksum algorithm each was created
+    with (empty when none, or when the store does not say)."""
+    found: list[tuple[str, str]] = []
+    paginator = client.get_paginator("list_multipart_uploads")
+    for page in paginator.paginate(Bucket=bucket, Prefix=key):
+        for upload in page.get("Uploads", []):
+            if upload.get("Key") == key:
+                found.append((upload["UploadId"], str(upload.get("ChecksumAlgorithm") or "")))
+    return found
+
+
+@dataclass(frozen=True)
+class StoredPart:
+    """A part of an unfinished upload, as ListParts describes it."""
+
+    size: int
+    etag: str
+    sha256: str | None  # base64, as S3 keeps it; None when the store lists none
+
+
+def part_sha256(chunk: bytes | bytearray | memoryview) -> str:
+    """A part's SHA-256 as S3 takes and lists it (``x-amz-checksum-sha256``: base64)."""
+    return base64.b64encode(hashlib.sha256(chunk).digest()).decode()
+
+
+def same_part(stored: StoredPart, chunk: bytes | bytearray) -> bool:
+    """Does the stored part hold ``chunk``? By the checksum S3 kept when it lists one;
+    otherwise by the ETag, which is the part's MD5 only on unencrypted or SSE-S3 buckets
+    (a false "no" there costs one resend, never a wrong blob)."""
+    if stored.size != len(chunk):
+        return False
+    if stored.sha256 is not None:
+        return stored.sha256 == part_sha256(chunk)
+    return stored.etag == hashlib.md5(chunk, usedforsecurity=False).hexdigest()
+
+
 def _stored_parts(
     client: S3Client, bucket: str, key: str, upload_id: str
-) -> dict[int, tuple[int, str]]:
-    parts: dict[int, tuple[int, str]] = {}
+) -> dict[int, StoredPart]:
+    parts: dict[int, StoredPart] = {}
     paginator = client.get_paginator("list_parts")
     for page in paginator.paginate(Bucket=bucket, Key=key, UploadId=upload_id):
         for part in page.get("Parts", []):
-            parts[int(part["PartNumber"])] = (int(part["Size"]), str(part["ETag"]).strip('"'))
+            parts[int(part["PartNumber"])] = StoredPart(
+                int(part["Size"]),
+                str(part["ETag"]).strip('"'),
+                part.get("ChecksumSHA256") or None,
+            )
     return parts
+
+
+def checksums_enabled(client: S3Client) -> bool:
+    """Whether this client sends request checksums (not ``when_required``)."""
+    setting = getattr(client.meta.config, "request_checksum_calculation", None)
+    return setting != "when_required"
 
 
 class BlobWriter:
@@ -170,8 +235,10 @@ class BlobWriter:
         self._offset = 0
         self._next_part = 1
         self._upload_id: str | None = None
-        self._stored: dict[int, tuple[int, str]] = {}
+        self._stored: dict[int, StoredPart] = {}
         self._etags: dict[int, str] = {}
+        self._sha256: dict[int, str] = {}  # per part, when the upload keeps checksums
+        self.checksums = checksums_enabled(client)
         self._futures: list[Future[None]] = []
         self._slots = threading.BoundedSemaphore(parallelism)
         self._pool = ThreadPoolExecutor(max_workers=parallelism) if not self.single else None
@@ -182,7 +249,11 @@ class BlobWriter:
             self._resume_or_create()
 
     def _resume_or_create(self) -> None:
-        for upload_id in open_uploads(self.client, self.bucket, self.key):
+        for upload_id, algorithm in _open_uploads_by_algorithm(
+            self.client, self.bucket, self.key
+        ):
+            if algorithm not in ("", "SHA256"):
+                continue  # created with another checksum: its parts cannot be compared
             try:
                 self._stored = _stored_parts(self.client, self.bucket, self.key, upload_id)
             except ClientError as exc:
@@ -190,8 +261,16 @@ class BlobWriter:
                     continue
                 raise
             self._upload_id = upload_id
+            # S3 refuses part checksums for an upload created without an algorithm (one
+            # from an older writer); a store that does not say which gets none either.
+            self.checksums = self.checksums and algorithm == "SHA256"
             return
-        created = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)
+        if self.checksums:
+            created = self.client.create_multipart_upload(
+                Bucket=self.bucket, Key=self.key, ChecksumAlgorithm="SHA256"
+            )
+        else:
+            created = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)
         self._upload_id = created["UploadId"]
 
     @property
@@ -233,12 +312,12 @@ class BlobWriter:
         number = self._next_part
         self._next_part += 1
         stored = self._stored.get(number)
-        if stored is not None and stored[0] == len(chunk):
-            etag = hashlib.md5(chunk, usedforsecurity=False).hexdigest()
-            if etag == stored[1]:
-                self._etags[number] = stored[1]
-                self.bytes_resumed += len(chunk)
-                return
+        if stored is not None and same_part(stored, chunk):
+            self._etags[number] = stored.etag
+            if stored.sha256 is not None:
+                self._sha256[number] = stored.sha256
+            self.bytes_resumed += len(chunk)
+            return
         self._raise_failed_part()
         while not self._slots.acquire(timeout=self.tick):
             self.on_progress(self.stored)
@@ -248,13 +327,27 @@ class BlobWriter:
     def _send_part(self, number: int, chunk: bytearray) -> None:
         try:
             assert self._upload_id is not None
-            result = self.client.upload_part(
-                Bucket=self.bucket,
-                Key=self.key,
-                UploadId=self._upload_id,
-                PartNumber=number,
-                Body=chunk,  # type: ignore[arg-type]  # bytearray is a blob to botocore
-            )
+            if self.checksums:
+                # Sent with the part and kept by S3 for it: what a resume compares.
+                sha256 = part_sha256(chunk)
+                result = self.client.upload_part(
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    UploadId=self._upload_id,
+                    PartNumber=number,
+                    Body=chunk,  # type: ignore[arg-type]  # bytearray is a blob to botocore
+                    ChecksumAlgorithm="SHA256",
+                    ChecksumSHA256=sha256,
+                )
+                self._sha256[number] = str(result.get("ChecksumSHA256") or sha256)
+            else:
+                result = self.client.upload_part(
+                    Bucket=self.bucket,
+                    Key=self.key,
+                    UploadId=self._upload_id,
+                    PartNumber=number,
+                    Body=chunk,  # type: ignore[arg-type]  # bytearray is a blob to botocore
+                )
             self._etags[number] = str(result["ETag"]).strip('"')
             with self._sent_lock:
                 self.bytes_sent += len(chunk)
@@ -298,9 +391,12 @@ class BlobWriter:
             self._submit(self._buffer)
             self._buffer = bytearray()
         self._wait_parts()
-        parts: list[dict[str, Any]] = [
-            {"PartNumber": n, "ETag": f'"{e}"'} for n, e in sorted(self._etags.items())
-        ]
+        parts: list[dict[str, Any]] = []
+        for n, etag in sorted(self._etags.items()):
+            part: dict[str, Any] = {"PartNumber": n, "ETag": f'"{etag}"'}
+            if n in self._sha256:
+                part["ChecksumSHA256"] = self._sha256[n]
+            parts.append(part)
         assert self._upload_id is not None
         try:
             self.client.complete_multipart_upload(

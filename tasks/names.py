@@ -11,9 +11,12 @@ name at the same moment must not lose either export, so every merge is guarded t
   not exist): the store itself refuses the write if anything changed the name since it was
   read (another fleet sharing the bucket, a lock that expired, BuildKit itself).
 
-A lost race (412 Precondition Failed, or 409 ConditionalRequestConflict) merges again from
-the new contents. A store answering the conditional header with 501 NotImplemented (or
-400 naming the header) gets an unconditional PUT under the lock. A writer that takes no
+Conditions are used only where a probe showed the store checks them
+(:mod:`tasks.conditional`); elsewhere (a store or proxy that drops the headers, or refuses
+them) the merge runs under the fleet lock only and its result says so. A lost race (412
+Precondition Failed, or 409 ConditionalRequestConflict) merges again from the new
+contents. A store answering the conditional header with 501 NotImplemented (or 400 naming
+the header) gets an unconditional PUT under the lock. A writer that takes no
 lock and sends no condition (BuildKit's own exporter) can still overwrite a name between
 our read and our write only on stores without conditional writes; after our write it can
 overwrite it at any time, as it always could (docs/merge.md).
@@ -26,7 +29,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from botocore.exceptions import ClientError
@@ -40,10 +42,11 @@ from tasks.cacheformat.merge import (
     read_stored,
     stored_blobs,
 )
+from tasks.conditional import PutOutcome, conditional_support, put_if_unchanged
 from tasks.flight import single_flight
 from tasks.publish import missing_blobs
 from tasks.request import S3Spec
-from tasks.s3client import error_code, is_not_found
+from tasks.s3client import is_not_found
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -69,12 +72,6 @@ class NameBusyError(NameWriteError):
     """The lock or the store kept refusing: the name is left as the last writer left it."""
 
 
-class PutOutcome(Enum):
-    WRITTEN = "written"
-    LOST_RACE = "lost race"  # the name changed since it was read
-    UNSUPPORTED = "unsupported"  # the store refuses conditional writes
-
-
 @dataclass(frozen=True)
 class NameWrite:
     """What happened to one name."""
@@ -86,15 +83,24 @@ class NameWrite:
     conditional: bool = False  # whether the store checked the condition
     attempts: int = 1
     replaced_invalid: bool = False
+    note: str = ""  # why the write was not conditional, when the store does not check
+
+    @property
+    def guard(self) -> str:
+        """What kept concurrent merges from losing each other's records."""
+        return "fleet lock and conditional write" if self.conditional else "fleet lock only"
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "key": self.key, "merged": self.merged}
         if self.merged:
             out.update(
                 conditional=self.conditional,
+                guard=self.guard,
                 attempts=self.attempts,
                 replaced_invalid=self.replaced_invalid,
             )
+            if self.note:
+                out["note"] = self.note
             if self.counts is not None:
                 out.update(self.counts.to_json())
         return out
@@ -117,31 +123,6 @@ def read_name(client: S3Client, bucket: str, key: str) -> tuple[bytes, str] | No
     return answer["Body"].read(), answer["ETag"]
 
 
-def put_if_unchanged(
-    client: S3Client, bucket: str, key: str, body: bytes, etag: str | None
-) -> PutOutcome:
-    """PUT only if the key still has ``etag`` (None: only if it still does not exist)."""
-    try:
-        if etag is None:
-            client.put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
-        else:
-            client.put_object(Bucket=bucket, Key=key, Body=body, IfMatch=etag)
-    except ClientError as exc:
-        code = error_code(exc)
-        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
-            return PutOutcome.LOST_RACE
-        if etag is not None and is_not_found(exc):
-            return PutOutcome.LOST_RACE  # AWS: If-Match on a name deleted since it was read
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        message = str(exc.response.get("Error", {}).get("Message", ""))
-        if code in ("NotImplemented", "501") or (
-            status == 400 and ("If-Match" in message or "If-None-Match" in message)
-        ):
-            return PutOutcome.UNSUPPORTED
-        raise
-    return PutOutcome.WRITTEN
-
-
 def now_go() -> GoTime:
     """The wall clock as a Go time (what ``max_age`` counts back from)."""
     ns = time.time_ns()
@@ -160,17 +141,28 @@ def write_name(
     conditional: bool = True,
     max_attempts: int = 10,
     on_wait: Callable[[], None] = lambda: None,
+    on_pull: Callable[[list[str]], None] = lambda digests: None,
 ) -> NameWrite:
     """Merge ``s3_config`` (the new export, S3 form) into the name, safely under concurrency.
 
     The lock is the fleet's lease (:func:`tasks.flight.single_flight`): renewed while held,
     lapsing seconds after a holder dies. ``conditional=False`` never sends conditions (for
-    stores known to mishandle them). Raises InvalidStoredConfigError (the name is left as
+    stores known to mishandle them). ``on_pull(digests)`` gets the stored blobs the merge
+    may keep, before they are looked at and before the name is written: the export
+    registers them so that a prune leaves them alone (docs/prune.md). Raises
+    InvalidStoredConfigError (the name is left as
     it was unless the target says ``merge=replace-invalid``) and NameBusyError.
     """
     key = target.manifest_key(name)
     new = decode_config(s3_config)
     limits = MergeLimits(target.max_records or DEFAULT_MAX_RECORDS, target.max_age)
+    note = ""
+    if conditional:
+        # Proven, not assumed: a store that drops the headers would write anyway.
+        support = conditional_support(client, target.bucket, target.prefix + target.blobs_prefix)
+        if not support.honoured:
+            conditional, note = False, f"{support.detail}; merged under the fleet lock only"
+            log.warning("name %s: %s", key, note)
     for attempt in range(1, max_attempts + 1):
         with single_flight(redis, lock_name(client, target, name), on_wait=on_wait):
             stored = read_name(client, target.bucket, key)
@@ -187,9 +179,10 @@ def write_name(
                     replaced = True
             gone = set()
             if existing is not None:
-                gone = set(
-                    missing_blobs(client, target, stored_blobs(existing, new), head_forbidden)
-                )
+                pulled = stored_blobs(existing, new)
+                if pulled:
+                    on_pull([d.digest for d in pulled])
+                gone = set(missing_blobs(client, target, pulled, head_forbidden))
             merged = merge_configs(existing, new, now=now or now_go(), limits=limits, missing=gone)
             outcome = PutOutcome.UNSUPPORTED
             if conditional:
@@ -200,8 +193,12 @@ def write_name(
                 continue
             if outcome is PutOutcome.UNSUPPORTED:
                 client.put_object(Bucket=target.bucket, Key=key, Body=merged.s3_config)
+                if conditional and not note:
+                    note = (
+                        "the store refused the conditional write; merged under the fleet lock only"
+                    )
             checked = outcome is PutOutcome.WRITTEN
-            return NameWrite(name, key, True, merged.counts, checked, attempt, replaced)
+            return NameWrite(name, key, True, merged.counts, checked, attempt, replaced, note)
     raise NameBusyError(
         f"name {name!r} ({key}) changed under every one of {max_attempts} merges; "
         "it was not written"

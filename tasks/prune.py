@@ -5,10 +5,13 @@ Here a blob goes only when no name references it, it is older than the grace per
 in-flight export has announced it (``tasks.registry``, rechecked right before every delete
 batch). One unreadable name stops everything: its blobs would look unreferenced.
 
-What a name references: every layer blob of its config, and the two small blobs cacheship
-writes beside the layers for it: the config blob (the name's config without the layer
-annotations, normalised) and the manifest blob, recomputed in all three flavours (Docker
-list, OCI index, OCI image manifest) since a name does not say which one its export wrote.
+The names are every cache name in the bucket, under any prefix and by any writer
+(``tasks.roots``): caches that share one blobs prefix under different manifests prefixes
+keep each other's blobs. What a config name references: every layer blob of its config,
+and the two small blobs cacheship writes beside the layers for it: the config blob (the
+name's config without the layer annotations, normalised) and the manifest blob,
+recomputed in all three flavours (Docker list, OCI index, OCI image manifest) since a name
+does not say which one its export wrote.
 
 Order of deletion: names first, then blobs, so a crash half-way never leaves a name whose
 blobs are gone. Plain Python and boto3: no Celery, no settings.
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import email.utils
 import fnmatch
-import re
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -29,19 +31,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tasks.cacheformat import (
-    CacheConfig,
-    FormatError,
-    Marshalled,
-    config_descriptor,
-    decode_config,
-    descriptors_from_annotations,
-    encode_config,
-    manifest_bytes,
-)
+from tasks.cacheformat import FormatError
 from tasks.request import RequestError, S3Spec, error_message, parse_go_duration
+from tasks.roots import DIGEST, Gone, config_references, is_blob_key, read_root
 from tasks.s3client import error_code, is_not_found
-from tasks.sources.common import MAX_METADATA_BYTES
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -49,7 +42,7 @@ if TYPE_CHECKING:
 #: DeleteObjects takes at most this many keys per request.
 DELETE_BATCH = 1000
 # OCI's digest grammar; other keys under the blobs prefix belong to someone else.
-_DIGEST = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
+_DIGEST = DIGEST
 
 
 class PruneError(ValueError):
@@ -162,6 +155,8 @@ class PruneReport:
     uploads_aborted: int = 0
     uploads_kept: int = 0
     other_keys: int = 0
+    roots_elsewhere: list[str] = field(default_factory=list)
+    objects_not_names: int = 0
     unreadable: list[NameProblem] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -197,6 +192,8 @@ class PruneReport:
             "uploads_aborted": self.uploads_aborted,
             "uploads_kept": self.uploads_kept,
             "other_keys": self.other_keys,
+            "roots_elsewhere": sorted(self.roots_elsewhere),
+            "objects_not_names": self.objects_not_names,
             "unreadable": [
                 {"name": p.name, "key": p.key, "message": p.message} for p in self.unreadable
             ],
@@ -250,34 +247,8 @@ def is_kept_name(name: str, globs: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, glob) for glob in globs)
 
 
-def name_references(config: CacheConfig) -> set[str]:
-    """Every blob a name keeps alive: its layers, its config blob, its manifest blobs.
-
-    The config and manifest blobs are recomputed as the exporter wrote them; when the
-    annotations do not allow it (a config BuildKit would refuse anyway), the layers alone
-    are returned: those small blobs are never read by BuildKit's S3 importer.
-    """
-    refs = {layer.blob for layer in config.layers}
-    bare = config._replace(
-        layers=tuple(layer._replace(annotations=None) for layer in config.layers)
-    )
-    try:
-        config_bytes = encode_config(bare)
-        config_desc = config_descriptor(config_bytes)
-        refs.add(config_desc.digest)
-        by_blob = descriptors_from_annotations(config)
-        seen: dict[str, None] = {}
-        for layer in config.layers:
-            seen.setdefault(layer.blob)
-        marshalled = Marshalled(bare, [by_blob[blob] for blob in seen])
-        for oci, image in ((False, False), (True, False), (True, True)):
-            _, desc = manifest_bytes(
-                marshalled, config_desc, oci_mediatypes=oci, image_manifest=image
-            )
-            refs.add(desc.digest)
-    except (FormatError, KeyError, ValueError):
-        pass
-    return refs
+#: Kept under its old name: what a cache config name references (``tasks.roots``).
+name_references = config_references
 
 
 def _server_now(response: Any) -> datetime:
@@ -323,24 +294,6 @@ def _describe(exc: Exception) -> str:
         code = error_code(exc)
         return f"{code}: {message}" if message else code
     return f"{type(exc).__name__}: {exc}"
-
-
-class _Gone(Exception):
-    """The name was deleted between listing and reading: it references nothing."""
-
-
-def _read_name(client: S3Client, bucket: str, key: str) -> set[str]:
-    try:
-        obj = client.get_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if is_not_found(exc) and error_code(exc) != "NoSuchBucket":
-            raise _Gone() from None
-        raise
-    size = int(obj["ContentLength"])
-    if size > MAX_METADATA_BYTES:
-        raise FormatError(f"is {size} bytes, over the {MAX_METADATA_BYTES} bytes read")
-    config = decode_config(obj["Body"].read())
-    return name_references(config)
 
 
 def _unchanged(client: S3Client, bucket: str, obj: _Object) -> bool:
@@ -390,54 +343,84 @@ def prune_cache(
     blobs_prefix = spec.prefix + spec.blobs_prefix
     report = PruneReport(bucket, spec.prefix, options.dry_run, options.grace)
 
-    on_progress(PruneProgress("listing names"))
-    names, now = list_objects(client, bucket, names_prefix)
+    # One listing of the whole bucket: the roots are every cache name in it, under any
+    # prefix (tasks.roots); the blobs are what lies under the collected blobs prefix.
+    on_progress(PruneProgress("listing the bucket"))
+    everything, now = list_objects(client, bucket, "")
+    blobs = [o for o in everything if o.key.startswith(blobs_prefix)]
+    outside = [
+        o for o in everything
+        if not o.key.startswith(blobs_prefix)
+        and (o.key.startswith(names_prefix) or not is_blob_key(o.key))
+    ]
+    del everything
     expired: list[_Object] = []
     live: list[_Object] = []
-    for obj in names:
-        name = obj.key[len(names_prefix) :]
+    for obj in outside:
+        own = obj.key.startswith(names_prefix)
         too_old = (
-            options.expire_names is not None
+            own
+            and options.expire_names is not None
             and obj.last_modified < now - timedelta(seconds=options.expire_names)
         )
+        name = obj.key[len(names_prefix) :]
         (expired if too_old and not is_kept_name(name, keep_globs) else live).append(obj)
 
     on_progress(PruneProgress("reading names", 0, len(live)))
     refs: set[str] = set()
     done = 0
 
-    def read(obj: _Object) -> tuple[_Object, set[str] | None, str | None]:
+    def label(key: str) -> str:
+        """A name of this cache by its name; a root elsewhere by its key."""
+        return key[len(names_prefix) :] if key.startswith(names_prefix) else key
+
+    def read(obj: _Object) -> tuple[_Object, frozenset[str] | None, str | None]:
         try:
-            return obj, _read_name(client, bucket, obj.key), None
-        except _Gone:
+            root = read_root(
+                client,
+                bucket,
+                obj.key,
+                must_be_name=obj.key.startswith(names_prefix),
+                blobs_prefix=blobs_prefix,
+            )
+        except Gone:
             return obj, None, None
         except FormatError as exc:
-            return obj, None, f"the config does not parse: {exc}"
+            return obj, None, f"the name does not parse: {exc}"
         except (ClientError, BotoCoreError) as exc:
-            return obj, None, f"cannot be read: {_describe(exc)}"
+            return obj, None, f"cannot be read, and may be a cache name: {_describe(exc)}"
         except Exception as exc:  # whatever it is, this name's blobs are unknown
             return obj, None, f"cannot be read: {type(exc).__name__}: {exc}"
+        return obj, None if root is None else root.refs, None
 
     workers = max(1, min(options.parallelism, len(live) or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for obj, found, problem in pool.map(read, live):
-            name = obj.key[len(names_prefix) :]
             done += 1
             if problem is not None:
-                report.unreadable.append(NameProblem(name, obj.key, problem))
+                report.unreadable.append(NameProblem(label(obj.key), obj.key, problem))
             elif found is not None:
                 refs |= found
-                report.names_kept.append(name)
+                if obj.key.startswith(names_prefix):
+                    report.names_kept.append(label(obj.key))
+                else:
+                    report.roots_elsewhere.append(obj.key)
+            elif obj.key.startswith(names_prefix):
+                pass  # deleted since the listing
+            else:
+                report.objects_not_names += 1
             if done % 100 == 0 or done == len(live):
                 on_progress(PruneProgress("reading names", done, len(live)))
     if report.unreadable:
         # Its blobs would look unreferenced: delete nothing, not even expired names.
-        report.names_kept = [o.key[len(names_prefix) :] for o in live]
+        report.names_kept = [
+            label(o.key) for o in live if o.key.startswith(names_prefix)
+        ]
         on_progress(PruneProgress("stopped"))
         return report
 
-    on_progress(PruneProgress("listing blobs"))
-    blobs, blobs_now = list_objects(client, bucket, blobs_prefix)
+    on_progress(PruneProgress("listing uploads"))
+    blobs_now = now
     uploads = list_uploads(client, bucket, blobs_prefix)
     in_flight = guard.protected()
     cutoff = blobs_now - timedelta(seconds=options.grace)
@@ -479,7 +462,7 @@ def prune_cache(
         if rewritten:
             # Written again since the listing: it is not old, and its new references are
             # unknown to this prune. Delete nothing; the next run reads it.
-            report.names_kept = [o.key[len(names_prefix) :] for o in names]
+            report.names_kept = [label(o.key) for o in outside if o.key.startswith(names_prefix)]
             report.blobs_kept_failed += len(candidates)
             report.problems.append(
                 f"{rewritten[0].key} was written again during the prune: nothing deleted"

@@ -80,10 +80,12 @@ class S3Target:
         head_forbidden: Literal["upload", "fail"] = "upload",
         min_part_size: int = 8 * 1024 * 1024,
         on_wait: Callable[[], None] = lambda: None,
+        on_pull: Callable[[list[str]], None] = lambda digests: None,
     ) -> None:
+        """``on_pull``: blobs a merge keeps from a stored name (see ``write_name``)."""
         self.client, self.spec, self.redis = client, spec, redis
         self.head_forbidden, self.min_part_size = head_forbidden, min_part_size
-        self.on_wait = on_wait
+        self.on_wait, self.on_pull = on_wait, on_pull
 
     def copy_layer(
         self,
@@ -177,6 +179,7 @@ class S3Target:
             on_name,
             head_forbidden=self.head_forbidden,
             on_wait=self.on_wait,
+            on_pull=self.on_pull,
         )
 
     def abandon(self, digest: str) -> None:

@@ -10,8 +10,11 @@ whether to:
   when there is no body): the request DID happen, its answer was lost;
 - delay it (latency), and slow down request bodies (a bandwidth cap per connection).
 
-It can also answer HEAD requests with a fixed status (every HEAD, or only those the server
-answers 404 to: what S3 does for a missing key when the caller lacks ``s3:ListBucket``).
+It can make multipart uploads look as they do on an SSE-KMS bucket (``kms_parts``: ETags
+that are not MD5s, part checksums listed), drop request headers before forwarding (a store
+that ignores conditional writes: ``strip_headers=("If-Match", "If-None-Match")``), and
+answer HEAD requests with a fixed status (every HEAD, or only those the server answers 404
+to: what S3 does for a missing key when the caller lacks ``s3:ListBucket``).
 
 The proxy understands HTTP/1.1 framing (``Content-Length``, chunked bodies both ways,
 ``Expect: 100-continue``, keep-alive, bodies ended by close) and answers only on loopback.
@@ -22,7 +25,10 @@ seconds, and always when the ``with`` block ends.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import html
 import random
+import re
 import socket
 import threading
 import time
@@ -105,6 +111,14 @@ class FaultPlan:
     bandwidth: int | None = None  # bytes per second of request body, per connection
     head_status: int | None = None  # answer every HEAD with this status
     head_missing_status: int | None = None  # answer a HEAD the server says 404 to with this
+    # Request headers removed before forwarding (case-insensitive): a store or proxy that
+    # drops what it does not know, e.g. ("If-Match", "If-None-Match").
+    strip_headers: tuple[str, ...] = ()
+    # Answer multipart uploads as S3 does on an SSE-KMS bucket, which the test servers do
+    # not: part ETags that are not the part's MD5, and ListParts listing each part's
+    # SHA-256 as it was sent with the part (S3 keeps it; moto and SeaweedFS list none).
+    # The relay maps its ETags back to the server's in CompleteMultipartUpload.
+    kms_parts: bool = False
     match: Callable[[Request], bool] = field(default=lambda request: True)
 
 
@@ -131,6 +145,8 @@ class Stats:
     errors: int = 0
     cuts: int = 0
     head_rewrites: int = 0
+    headers_stripped: int = 0
+    kms_rewrites: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     operations: Counter[str] = field(default_factory=Counter)
@@ -202,6 +218,16 @@ def _get(headers: list[tuple[str, str]], name: str) -> str | None:
         if key.lower() == lowered:
             return value
     return None
+
+
+def _head_fields(lines: list[str]) -> list[tuple[str, str]]:
+    """Header fields of a raw head's lines (the status line and blanks are skipped)."""
+    fields = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            fields.append((name.strip(), value.strip()))
+    return fields
 
 
 def _is_chunked(headers: list[tuple[str, str]]) -> bool:
@@ -290,6 +316,8 @@ class FaultProxy:
         self._listener.settimeout(0.2)
         self.port = int(self._listener.getsockname()[1])
         self.url = f"http://{LOOPBACK}:{self.port}"
+        self._kms_etags: dict[str, str] = {}  # relayed ETag -> the server's
+        self._kms_sums: dict[tuple[str, str, int], str] = {}  # part -> SHA-256 sent with it
         self._conns: set[socket.socket] = set()
         self._idle: set[socket.socket] = set()  # waiting for their next request
         self._threads: list[threading.Thread] = []
@@ -412,6 +440,10 @@ class FaultProxy:
                         return
                     continue
 
+                if plan.strip_headers:
+                    request = self._strip(request, plan.strip_headers)
+                if plan.kms_parts:
+                    request = self._kms_request(request)
                 if upstream is None:
                     upstream = self._connect()
                 try:
@@ -424,6 +456,8 @@ class FaultProxy:
                 if close_after:
                     self._close_upstream(upstream)
                     upstream = None
+                if plan.kms_parts and 200 <= status < 300:
+                    head, body = self._kms_answer(request, head, body)
 
                 if (
                     request.method == "HEAD"
@@ -457,6 +491,85 @@ class FaultProxy:
                 rfile.close()
             with contextlib.suppress(OSError):
                 conn.close()
+
+    # ------------------------------------------------------------------ SSE-KMS parts
+
+    @staticmethod
+    def _opaque(etag: str) -> str:
+        """A part ETag as SSE-KMS gives it: 32 hex digits that are not the MD5."""
+        return '"' + hashlib.sha256(b"kms " + etag.strip('"').encode()).hexdigest()[:32] + '"'
+
+    def _part_of(self, request: Request) -> tuple[str, str, int]:
+        query = dict(
+            item.split("=", 1) for item in request.query.split("&") if "=" in item
+        )
+        return request.path, query.get("uploadId", ""), int(query.get("partNumber", "0"))
+
+    def _kms_request(self, request: Request) -> Request:
+        if request.operation != "CompleteMultipartUpload" or _is_chunked(request.headers):
+            return request
+        text = request.body.decode()
+        for fake, real in self._kms_etags.items():
+            text = text.replace(fake.strip('"'), real.strip('"'))
+        body = text.encode()
+        headers = [
+            (k, v) for k, v in request.headers
+            if not k.lower().startswith("x-amz-checksum")
+            and k.lower() not in ("content-md5", "x-amz-sdk-checksum-algorithm", "content-length")
+        ] + [("Content-Length", str(len(body)))]
+        self._count(kms_rewrites=1)
+        return Request(request.method, request.target, headers, body, request.received_at)
+
+    def _kms_answer(self, request: Request, head: bytes, body: bytes) -> tuple[bytes, bytes]:
+        lines = head.decode("latin-1").split("\r\n")
+        if request.operation == "UploadPart":
+            sent = request.header("x-amz-checksum-sha256")
+            for i, line in enumerate(lines):
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "etag":
+                    fake = self._opaque(value.strip())
+                    with self._lock:
+                        self._kms_etags[fake] = value.strip()
+                        if sent:
+                            self._kms_sums[self._part_of(request)] = sent
+                    lines[i] = f"ETag: {fake}"
+            self._count(kms_rewrites=1)
+            return "\r\n".join(lines).encode("latin-1"), body
+        if request.operation != "ListParts" or _get(_head_fields(lines), "Content-Length") is None:
+            return head, body
+        path, upload_id, _ = self._part_of(request)
+
+        def part(match: re.Match[str]) -> str:
+            block = match.group(0)
+            number = re.search(r"<PartNumber>(\d+)</PartNumber>", block)
+            etag = re.search(r"<ETag>([^<]*)</ETag>", block)
+            if number is None or etag is None:
+                return block
+            real = html.unescape(etag.group(1))
+            block = block.replace(etag.group(0), f"<ETag>{html.escape(self._opaque(real))}</ETag>")
+            with self._lock:
+                sent = self._kms_sums.get((path, upload_id, int(number.group(1))))
+            if sent:
+                block = block.replace("</Part>", f"<ChecksumSHA256>{sent}</ChecksumSHA256></Part>")
+            return block
+
+        text = re.sub(r"<Part>.*?</Part>", part, body.decode(), flags=re.S)
+        new_body = text.encode()
+        lines = [
+            f"Content-Length: {len(new_body)}"
+            if line.lower().startswith("content-length:") else line
+            for line in lines
+        ]
+        self._count(kms_rewrites=1)
+        return "\r\n".join(lines).encode("latin-1"), new_body
+
+    def _strip(self, request: Request, names: tuple[str, ...]) -> Request:
+        dropped = {name.lower() for name in names}
+        kept = [(k, v) for k, v in request.headers if k.lower() not in dropped]
+        if len(kept) == len(request.headers):
+            return request
+        self._count(headers_stripped=len(request.headers) - len(kept))
+        return Request(request.method, request.target, kept, request.body, request.received_at)
 
     def _record_write(self, request: Request) -> None:
         part = 0

@@ -100,6 +100,7 @@ def open_target(
     config: Settings,
     redis: Any,
     on_wait: Callable[[], None] = lambda: None,
+    on_pull: Callable[[list[str]], None] = lambda digests: None,
 ) -> Target:
     """The store an export writes to, configured from the worker's settings.
 
@@ -115,6 +116,7 @@ def open_target(
         head_forbidden=config.s3_head_forbidden,
         min_part_size=config.part_size,
         on_wait=on_wait,
+        on_pull=on_pull,
     )
 
 

@@ -38,9 +38,21 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
     plan = ExportPlan.from_json(stored["plan"])
     target = target_from_json(stored["target"])
     steps: list[dict[str, Any]] = stored["steps"]
+    def pull(digests: list[str]) -> None:
+        """A merge keeps these stored blobs: registered like the export's own, before the
+        merge looks at them, so that a prune leaves them alone (docs/prune.md)."""
+        if isinstance(target, S3Spec):
+            registry.register(
+                redis, registry.scope_of(target), export_id, digests, ttl=config.result_expires
+            )
+
     # Waiting happens only for a name another export is merging into (merge=true).
     store = open_target(
-        target, config, redis, on_wait=lambda: publish("writing", "waiting for another merge")
+        target,
+        config,
+        redis,
+        on_wait=lambda: publish("writing", "waiting for another merge"),
+        on_pull=pull,
     )
     base = {
         "export_id": export_id,

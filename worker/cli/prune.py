@@ -127,6 +127,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"{human_bytes(report['bytes_freed'])} freed",
         f"  uploads  {report['uploads_aborted']} unfinished uploads aborted",
     ]
+    elsewhere = report.get("roots_elsewhere", [])
+    if elsewhere:
+        # Names of other caches sharing the bucket: read, their blobs kept, never expired.
+        lines.insert(2, f"  roots    {len(elsewhere)} names under other prefixes kept their blobs")
     for name in report["names_removed"][:20]:
         lines.append(f"  name {verb}: {name}")
     for problem in report["problems"]:
