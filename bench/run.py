@@ -22,6 +22,7 @@ from typing import Any
 
 from bench import servers
 from bench.buildkit import against_buildkit, fixed_costs
+from bench.footprint import footprint
 from bench.scenarios import SCENARIOS, Context, Row, Sizes
 from bench.stack import Cacheship, baseline_upload, bench_client, drop_prefix, new_prefix
 from tasks.settings import Settings
@@ -29,7 +30,12 @@ from worker.embedded import start_redis
 
 KiB = 1024
 # The comparisons with BuildKit's exporter and the fixed costs run after the original ones.
-ALL_SCENARIOS = {**SCENARIOS, "buildkit": against_buildkit, "fixed": fixed_costs}
+ALL_SCENARIOS = {
+    **SCENARIOS,
+    "buildkit": against_buildkit,
+    "fixed": fixed_costs,
+    "footprint": footprint,
+}
 
 
 def _log(message: str) -> None:

@@ -50,6 +50,8 @@ class Sizes:
     smoke: bool = False
     # Scenario 7: blobs in the bucket and names (three layers each) referencing some.
     prune: tuple[int, int] = (100_000, 1_000)
+    # Scenario 10: layers of the exports whose Redis footprint is measured.
+    footprint: tuple[int, ...] = (10, 300, 3000)
 
     @classmethod
     def full(cls, runs: int) -> Sizes:
@@ -74,6 +76,7 @@ class Sizes:
             cli=(30, 4 * KiB),
             smoke=True,
             prune=(300, 10),
+            footprint=(3, 10),
         )
 
 

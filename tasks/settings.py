@@ -95,6 +95,14 @@ class Settings(BaseSettings):
         ),
     )
     result_expires: int = Field(default=7 * 24 * 3600, description="Results kept in Redis (s).")
+    layer_results_expires: int = Field(
+        default=600,
+        ge=1,
+        description=(
+            "Once an export has ended, its layers' task results and bookkeeping stay this long "
+            "(s); what each layer did is kept in the export's ledger for result_expires."
+        ),
+    )
     copy_max_retries: int = Field(default=8, ge=0, description="Retries of a transient error.")
     progress_interval: float = Field(
         default=0.5, gt=0, description="Seconds between progress updates of a running step."

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from tasks.ledger import Ledger, derived_id, late_key, ledger_key
+from tasks.ledger import decode as decode_ledger
 from tasks.state import alive_key, last_seen_key, outcomes_key, plan_key
 from worker.message import encode, task_message
 
@@ -144,6 +146,29 @@ class _SeenExport:
     steps: list[dict[str, Any]] = field(default_factory=list)  # the last list seen
 
 
+def _ledger(raw: bytes | None, late: bytes | None) -> Ledger | None:
+    """An ended export's ledger, or None (an export that ended before ledgers were kept)."""
+    if not raw:
+        return None
+    try:
+        return decode_ledger(raw, late)
+    except ValueError:
+        return None
+
+
+def _ended_metas(ended: Ledger, export_id: str) -> dict[str, dict[str, Any]]:
+    """Each layer's final state as its task result would read, from the ledger."""
+    metas: dict[str, dict[str, Any]] = {}
+    for end in ended.layers:
+        result: Any = None
+        if end.state == "SUCCESS":
+            result = {"digest": end.digest, "size": end.size, "action": end.action}
+        elif end.state == "FAILURE":
+            result = end.error or "failed"
+        metas[derived_id(export_id, end.digest)] = {"status": end.state, "result": result}
+    return metas
+
+
 def _epoch(value: Any) -> float | None:
     try:
         return float(value)
@@ -247,9 +272,11 @@ class Client:
     def snapshot(self, export_id: str, with_steps: bool = True) -> Snapshot:
         """Read the export's metadata and, when asked, every step's.
 
-        Two round trips at most (the export with its submission time; the layers still
-        running, in one MGET), a third only when layers finished since the last call (their
-        outcomes, in one HMGET): the cost of a poll does not grow with finished layers.
+        Two round trips at most (the export with its submission time and, once it has
+        ended, its ledger; the layers still running, in one MGET), a third only when layers
+        finished since the last call (their outcomes, in one HMGET): the cost of a poll does
+        not grow with finished layers. Once the export has ended, its ledger tells what each
+        layer did (their own results expire soon after the end).
         """
         backend: Any = self.app.backend
         redis = self._redis()
@@ -257,10 +284,13 @@ class Client:
         with redis.pipeline(transaction=False) as pipe:
             pipe.get(backend.get_key_for_task(export_id))
             pipe.get(submitted_key(export_id))
-            raw_meta, submitted = pipe.execute()
+            pipe.get(ledger_key(export_id))
+            pipe.get(late_key(export_id))
+            raw_meta, submitted, raw_ledger, raw_late = pipe.execute()
         if raw_meta is None or raw_meta != seen.raw_meta:
             seen.raw_meta, seen.meta = raw_meta, self._decode(raw_meta)
         state, info = str(seen.meta["status"]), seen.meta.get("result")
+        ended = _ledger(raw_ledger, raw_late) if state in READY else None
         if state == "PENDING" and submitted is None:
             return Snapshot(
                 export_id=export_id,
@@ -276,11 +306,13 @@ class Client:
         if state == "FAILURE":
             snap.error = _error_text(info)
         if state == "SUCCESS":
+            if ended is not None and "steps" not in meta:
+                meta = {**meta, "steps": ended.steps(export_id)}  # as the worker returned it
             snap.result = meta
         snap.phase = str(meta.get("phase", meta.get("status", "")))
         snap.current = str(meta.get("current") or "")
         if with_steps:
-            steps = meta.get("steps") or []
+            steps = meta.get("steps") or (ended.steps(export_id) if ended is not None else [])
             if steps:
                 seen.steps = steps
             elif state == "FAILURE":
@@ -294,9 +326,13 @@ class Client:
                 if current in names
                 else (len(names) if current == "writing names" else -1)
             )
-            layer_metas = self._layer_metas(seen, export_id, steps)
+            if ended is not None:
+                layer_metas, outcomes = _ended_metas(ended, export_id), ended.outcomes()
+            else:
+                layer_metas = self._layer_metas(seen, export_id, steps)
+                outcomes = seen.outcomes
             snap.steps = [
-                self._step(s, state, meta, layer_metas, seen.outcomes, 0 <= i < position)
+                self._step(s, state, meta, layer_metas, outcomes, 0 <= i < position)
                 for i, s in enumerate(steps)
             ]
             if not snap.ready:

@@ -26,6 +26,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from tasks import metrics, registry, state
 from tasks.cacheformat import FormatError
 from tasks.ingester import DigestMismatchError, IngestError
+from tasks.jobs import ending
 from tasks.policy import Access, check_spec
 from tasks.request import LocalSpec, LocalTargetSpec, RequestError, S3Spec, target_from_json
 from tasks.s3client import is_transient
@@ -173,9 +174,17 @@ def finish_export(
     runtime = time.time() - started if started else 0.0
     metrics.export_finished("success" if error is None else "failure", runtime if started else None)
     backend: Any = task.backend
+    short = settings().layer_results_expires
     if error is None:
-        backend.store_result(export_id, result, "SUCCESS")
+        # The layers are said once, in the ledger (written first: whoever sees SUCCESS finds
+        # it); the stored result keeps the rest, and the client puts the steps back.
+        steps = (result or {}).get("steps")
+        ending.fold(task, export_id, steps, ttl)
+        stored = {k: v for k, v in (result or {}).items() if k != "steps"}
+        backend.store_result(export_id, stored, "SUCCESS")
         _export_event(task, export_id, "task-succeeded", result=repr(result), runtime=runtime)
+        layers = [s["task_id"] for s in steps or [] if s["kind"] == "layer"]
+        ending.sweep(task, export_id, layers or _layer_task_ids(redis, export_id), short)
         return
     redis.set(cancelled_key(export_id), error, ex=ttl)
     # Layers still queued are dropped where they wait (Flower shows them REVOKED); one that
@@ -183,10 +192,12 @@ def finish_export(
     layer_ids = _layer_task_ids(redis, export_id)
     if layer_ids:
         task.app.control.revoke(layer_ids)
+    ending.fold(task, export_id, None, ttl)
     backend.store_result(export_id, ExportFailed(error), "FAILURE")
     _export_event(
         task, export_id, "task-failed", exception=f"ExportFailed({error!r})", traceback=""
     )
+    ending.sweep(task, export_id, layer_ids, short)
     logger.warning("export %s failed: %s", export_id, error)
 
 

@@ -57,7 +57,7 @@ def test_quick_benchmark_prints_the_table_and_writes_every_scenario(tmp_path: Pa
     assert {"cpus", "cpu_model", "memory_gib", "python"} <= set(results["machine"])
     rows = results["rows"]
     numbers = " ".join(r["scenario"].split()[0] for r in rows)
-    assert numbers == "1 2 3 4 4 5 6 6 7 8 9 9 9 9 0 0"
+    assert numbers == "1 2 3 4 4 5 6 6 7 8 9 9 9 9 0 0 10 10 10 10"
     for each in rows:
         assert set(each) == ROW_KEYS
         assert each["scenario"] in run.stdout
