@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 CHUNK = 1024 * 1024
-Action = Literal["uploaded", "skipped", "touched"]
+Action = Literal["uploaded", "skipped", "touched", "mounted"]
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ from typing import Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 Outcome = Literal["success", "failure", "empty"]
-LayerAction = Literal["uploaded", "skipped", "touched"]
+LayerAction = Literal["uploaded", "skipped", "touched", "mounted"]
 
 OUTCOMES: tuple[Outcome, ...] = ("success", "failure", "empty")
-ACTIONS: tuple[LayerAction, ...] = ("uploaded", "skipped", "touched")
+ACTIONS: tuple[LayerAction, ...] = ("uploaded", "skipped", "touched", "mounted")
 # The Celery tasks that retry transient S3/Redis errors (their short names).
 RETRYING_TASKS = ("export", "copy_layer", "finalize")
 
@@ -57,7 +57,8 @@ EXPORT_SECONDS = Histogram(
 LAYERS = Counter(
     "cacheship_layers",
     "Layer copies finished, by what happened: uploaded, skipped (already in the bucket), "
-    "touched (already there, refreshed).",
+    "touched (already there, refreshed), mounted (linked from another repository of the "
+    "same registry).",
     ["action"],
     registry=REGISTRY,
 )

@@ -20,7 +20,7 @@ from tasks.cacheformat import (
     parse_graph,
     s3_config_bytes,
 )
-from tasks.request import LocalTargetSpec, S3Spec
+from tasks.request import LocalTargetSpec, RegistrySpec, S3Spec
 from tasks.sources.common import LoadedCache
 
 
@@ -95,11 +95,14 @@ def desc_from_json(data: dict[str, Any]) -> Descriptor:
     )
 
 
-def plan_export(cache: LoadedCache, target: S3Spec | LocalTargetSpec) -> ExportPlan:
+def plan_export(
+    cache: LoadedCache, target: S3Spec | LocalTargetSpec | RegistrySpec
+) -> ExportPlan:
     """Parse → graph → normalised config → manifest; raises FormatError / EmptyCacheError.
 
-    Both targets write the same config and manifest blobs (a local target with its own
-    defaults: an OCI image manifest); ``s3_config`` is used by S3 targets only.
+    Every target writes the same config and manifest blobs (local and registry targets with
+    their own defaults: an OCI image manifest); ``s3_config`` is used by S3 targets (and
+    merges) only.
     """
     graph = parse_graph(cache.config, cache.descriptors)
     marshalled = marshal(graph)

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from tasks.allow import URLRefused, origin
+from tasks.backends.registry.refs import InvalidReferenceError, Reference, parse_reference
 
 CREDENTIAL_KEYS = frozenset(
     {
@@ -78,6 +79,28 @@ def _check_key_part(value: str, what: str) -> str:
         raise ValueError(f"{what} must not contain '.' or '..' path segments")
     if value.startswith("/"):
         raise ValueError(f"{what} must not start with '/'")
+    return value
+
+
+def _merge_value(value: Any) -> Any:
+    """``merge``: true/false in buildx's spellings, or replace-invalid."""
+    if isinstance(value, str):
+        value = value.strip().lower()
+        value = {"1": True, "yes": True, "on": True, "0": False, "no": False, "off": False}.get(
+            value, value
+        )
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+def _age_value(value: Any) -> Any:
+    """``max_age``: seconds, or an age like 14d, 36h or 1d12h."""
+    if isinstance(value, str) and not re.fullmatch(r"\d+(\.\d*)?", value.strip()):
+        days, _, rest = value.strip().rpartition("d")
+        if days and not days.isdigit():
+            raise ValueError(f"{value!r} is not an age like 14d, 36h or 1d12h")
+        return int(days or 0) * 86400.0 + (parse_go_duration(rest) if rest else 0.0)
     return value
 
 
@@ -298,24 +321,12 @@ class S3Spec(_BuildxTarget):
     @field_validator("merge", mode="before")
     @classmethod
     def _merge(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = value.strip().lower()
-            value = {"1": True, "yes": True, "on": True, "0": False, "no": False, "off": False}.get(
-                value, value
-            )
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return value
+        return _merge_value(value)
 
     @field_validator("max_age", mode="before")
     @classmethod
     def _age(cls, value: Any) -> Any:
-        if isinstance(value, str) and not re.fullmatch(r"\d+(\.\d*)?", value.strip()):
-            days, _, rest = value.strip().rpartition("d")
-            if days and not days.isdigit():
-                raise ValueError(f"{value!r} is not an age like 14d, 36h or 1d12h")
-            return int(days or 0) * 86400.0 + (parse_go_duration(rest) if rest else 0.0)
-        return value
+        return _age_value(value)
 
     @model_validator(mode="after")
     def _image_manifest_needs_oci(self) -> S3Spec:
@@ -406,8 +417,146 @@ class LocalTargetSpec(_BuildxTarget):
         return self
 
 
-Source = Annotated[LocalSpec | S3Spec, Field(discriminator="type")]
-Target = Annotated[LocalTargetSpec | S3Spec, Field(discriminator="type")]
+_REGISTRY_CREDENTIALS = frozenset(
+    {"username", "password", "auth", "identitytoken", "registrytoken", "token", "secret"}
+)
+
+
+class RegistrySpec(_BuildxTarget):
+    """``type=registry,ref=host/repo:tag``: a cache in a container registry, BuildKit's way.
+
+    BuildKit's defaults: OCI media types and an OCI image manifest whose config is the cache
+    config; ``oci-mediatypes=false`` means a Docker manifest list (``image-manifest`` then
+    follows it to false, and ``image-manifest=true`` with it is refused, as BuildKit
+    refuses it). A source may pin a digest (``ref=host/repo@sha256:...``).
+    """
+
+    type: Literal["registry"] = Field(default="registry", description="Cache type: registry.")
+    ref: str = Field(
+        description=(
+            "Reference, normalised as docker does: no tag means latest, a name without a "
+            "registry host is on docker.io (library/ for one component). Sources may pin "
+            "@sha256:..."
+        )
+    )
+    mode: Literal["min", "max"] | None = Field(
+        default=None,
+        description=(
+            "buildx's cache mode, recorded for compatibility: the source cache already "
+            "decided which records it holds, and every one is copied."
+        ),
+    )
+    oci_mediatypes: bool = Field(
+        default=True, alias="oci-mediatypes", description="OCI media types (else Docker's)."
+    )
+    image_manifest: bool = Field(
+        default=True,
+        alias="image-manifest",
+        description=(
+            "Write an OCI image manifest whose config is the cache config (default true "
+            "unless oci-mediatypes=false); false writes an index of blobs."
+        ),
+    )
+    registry_insecure: bool = Field(
+        default=False,
+        alias="registry.insecure",
+        description="Reach the registry over plain HTTP (and its token realm too).",
+    )
+    merge: Annotated[
+        Literal["false", "true", "replace-invalid"],
+        WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": ["false", "true", _REPLACE]}]}),
+    ] = Field(
+        default="false",
+        description="cacheship: merge into the cache the tag holds instead of replacing it "
+        "(under the fleet's lock: registries have no conditional writes).",
+    )
+    max_records: int | None = Field(
+        default=None, ge=1, description="cacheship, with merge: records the tag keeps (20000)."
+    )
+    max_age: Annotated[
+        float | None,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "number", "exclusiveMinimum": 0},
+                    {"type": "string"},
+                    {"type": "null"},
+                ]
+            }
+        ),
+    ] = Field(
+        default=None,
+        gt=0,
+        description="cacheship, with merge: seconds (or 14d, 336h) after which stored results go.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_registry_credentials(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            found = sorted(k for k in data if str(k).lower() in _REGISTRY_CREDENTIALS)
+            if found:
+                raise ValueError(
+                    f"{found[0]}: credentials are not accepted in a request; configure them "
+                    "on the workers (docker config.json or a credential helper)"
+                )
+            if not {"image-manifest", "image_manifest"} & set(data):
+                oci = data.get("oci-mediatypes", data.get("oci_mediatypes", True))
+                if oci is False or str(oci).lower() in _FALSE:
+                    data = {**data, "image-manifest": False}
+        return data
+
+    @field_validator("ref")
+    @classmethod
+    def _ref(cls, value: str) -> str:
+        _check_text(value, "ref")
+        try:
+            parse_reference(value)
+        except InvalidReferenceError as exc:
+            raise ValueError(str(exc)) from None
+        return value.strip()
+
+    @field_validator("merge", mode="before")
+    @classmethod
+    def _merge(cls, value: Any) -> Any:
+        return _merge_value(value)
+
+    @field_validator("max_age", mode="before")
+    @classmethod
+    def _age(cls, value: Any) -> Any:
+        return _age_value(value)
+
+    @model_validator(mode="after")
+    def _checks(self) -> RegistrySpec:
+        if self.image_manifest and not self.oci_mediatypes:
+            raise ValueError(
+                "image-manifest=true needs oci-mediatypes=true (BuildKit refuses it too)"
+            )
+        for bound in ("max_records", "max_age"):
+            if getattr(self, bound) is not None and self.merge == "false":
+                raise ValueError(f"{bound} only applies with merge=true")
+        return self
+
+    @property
+    def reference(self) -> Reference:
+        """The normalised reference (host, repository, tag, digest)."""
+        return parse_reference(self.ref)
+
+    @property
+    def merges(self) -> bool:
+        return self.merge != "false"
+
+    def check_target(self, role: str = "target") -> None:
+        """A target is pushed by tag: a digest cannot be written to."""
+        if self.reference.digest is not None:
+            raise RequestError(
+                f"{role}.ref: a target is pushed by tag, not by digest; remove "
+                f"@{self.reference.digest[:19]}..."
+            )
+
+
+Source = Annotated[LocalSpec | S3Spec | RegistrySpec, Field(discriminator="type")]
+Target = Annotated[LocalTargetSpec | S3Spec | RegistrySpec, Field(discriminator="type")]
 
 
 class ExportRequest(BaseModel):
@@ -420,8 +569,15 @@ class ExportRequest(BaseModel):
 
     @model_validator(mode="after")
     def _merge_is_for_targets(self) -> ExportRequest:
-        if isinstance(self.source, S3Spec) and self.source.merges:
+        if isinstance(self.source, S3Spec | RegistrySpec) and self.source.merges:
             raise ValueError("source.merge: only a target can be merged into")
+        if isinstance(self.target, RegistrySpec):
+            ref = self.target.reference
+            if ref.digest is not None:
+                raise ValueError(
+                    "target.ref: a target is pushed by tag, not by digest; remove "
+                    f"@{ref.digest[:19]}..."
+                )
         return self
 
 
@@ -438,7 +594,7 @@ def error_message(exc: ValidationError, root: str = "", whole: str = "") -> str:
     """
     lines = []
     for err in exc.errors(include_input=False, include_url=False):
-        loc = ".".join(str(p) for p in err["loc"] if p not in ("local", "s3"))
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("local", "s3", "registry"))
         where = ".".join(p for p in (root, loc) if p) or whole
         msg = _FRIENDLY.get(err["type"], str(err["msg"]).removeprefix("Value error, "))
         lines.append(f"{where}: {msg}" if where else msg)
@@ -474,18 +630,18 @@ def spec_items(text: str) -> dict[str, str]:
             raise RequestError(f"{key}: given twice")
         items[norm] = value
     if "type" not in items:
-        raise RequestError("type: missing (e.g. type=s3 or type=local)")
+        raise RequestError("type: missing (e.g. type=s3, type=registry or type=local)")
     return items
 
 
-_SPEC_ADAPTER: TypeAdapter[LocalSpec | S3Spec] = TypeAdapter(Source)
-_TARGET_ADAPTER: TypeAdapter[LocalTargetSpec | S3Spec] = TypeAdapter(Target)
+_SPEC_ADAPTER: TypeAdapter[LocalSpec | S3Spec | RegistrySpec] = TypeAdapter(Source)
+_TARGET_ADAPTER: TypeAdapter[LocalTargetSpec | S3Spec | RegistrySpec] = TypeAdapter(Target)
 # Attributes buildx spells with a dash (spec_items folds them to underscores).
 _DASHED = tuple(
     sorted(
         {
             name
-            for model in (S3Spec, LocalTargetSpec)
+            for model in (S3Spec, LocalTargetSpec, RegistrySpec)
             for name, field in model.model_fields.items()
             if field.alias and "-" in field.alias
         }
@@ -498,12 +654,14 @@ def _items(text: str, role: str) -> dict[str, Any]:
     for alias in _DASHED:
         if alias in items:
             items[alias.replace("_", "-")] = items.pop(alias)
-    if items["type"] not in ("s3", "local"):
-        raise RequestError(f"{role}.type: {items['type']!r} is not supported (s3 or local)")
+    if items["type"] not in ("s3", "local", "registry"):
+        raise RequestError(
+            f"{role}.type: {items['type']!r} is not supported (s3, registry or local)"
+        )
     return items
 
 
-def parse_spec(text: str, role: str = "cache") -> LocalSpec | S3Spec:
+def parse_spec(text: str, role: str = "cache") -> LocalSpec | S3Spec | RegistrySpec:
     """Parse ``type=s3,bucket=...`` the way buildx users write it; errors name ``role.key``.
 
     This is the reading side: ``type=local`` is a cache directory to read (``src=``).
@@ -515,18 +673,22 @@ def parse_spec(text: str, role: str = "cache") -> LocalSpec | S3Spec:
         raise RequestError(error_message(exc, role)) from None
 
 
-def target_from_json(data: dict[str, Any]) -> LocalTargetSpec | S3Spec:
+def target_from_json(data: dict[str, Any]) -> LocalTargetSpec | S3Spec | RegistrySpec:
     """A target as stored with an export's plan (written by us, validated again)."""
     return _TARGET_ADAPTER.validate_python(data)
 
 
-def parse_target(text: str, role: str = "target") -> LocalTargetSpec | S3Spec:
-    """Parse ``--cache-to`` as buildx writes it: ``type=s3,...`` or ``type=local,dest=DIR``."""
+def parse_target(text: str, role: str = "target") -> LocalTargetSpec | S3Spec | RegistrySpec:
+    """Parse ``--cache-to`` as buildx writes it: ``type=s3,...``, ``type=registry,ref=...``
+    or ``type=local,dest=DIR``."""
     items = _items(text, role)
     try:
-        return _TARGET_ADAPTER.validate_python(items)
+        spec = _TARGET_ADAPTER.validate_python(items)
     except ValidationError as exc:
         raise RequestError(error_message(exc, role)) from None
+    if isinstance(spec, RegistrySpec):
+        spec.check_target(role)
+    return spec
 
 
 def request_schema() -> dict[str, Any]:

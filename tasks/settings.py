@@ -63,6 +63,20 @@ class Settings(BaseSettings):
         ge=1,
         description="Layers a cache may have; a bigger one is refused before anything is copied.",
     )
+    allowed_registries: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description=(
+            "Registries workers may reach (comma-separated globs of hosts, or of "
+            "host/repository); empty allows none."
+        ),
+    )
+    registry_chunk_size: int = Field(
+        default=32 * 1024 * 1024,
+        ge=1024 * 1024,
+        description=(
+            "Registry blobs larger than this are uploaded in resumable chunks of this size."
+        ),
+    )
     s3_endpoint_url: str | None = Field(
         default=None, description="Default S3 endpoint when a request names none (MinIO etc.)."
     )
@@ -199,7 +213,7 @@ class Settings(BaseSettings):
             self.readable_buckets,
         )
 
-    @field_validator("prune_keep_names", mode="before")
+    @field_validator("prune_keep_names", "allowed_registries", mode="before")
     @classmethod
     def _globs(cls, value: object) -> object:
         # Globs may hold ':' (unlike paths and buckets): commas only.

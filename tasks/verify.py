@@ -34,7 +34,7 @@ from tasks.cacheformat import (
     descriptors_from_annotations,
     parse_graph,
 )
-from tasks.request import LocalSpec, S3Spec
+from tasks.request import LocalSpec, RegistrySpec, S3Spec
 from tasks.s3client import error_code, is_not_found
 from tasks.sources import local as local_source
 from tasks.sources.common import MAX_METADATA_BYTES, LoadedCache, SourceError
@@ -88,6 +88,7 @@ class VerifyReport:
     deep: bool
     names: list[NameReport] = field(default_factory=list)
     directory: str = ""
+    ref: str = ""
     blobs: list[BlobCheck] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
 
@@ -100,7 +101,13 @@ class VerifyReport:
         return sum(b.size for b in self.blobs)
 
     def to_json(self) -> dict[str, Any]:
-        where = {"directory": self.directory} if self.directory else {"bucket": self.bucket}
+        where = (
+            {"ref": self.ref}
+            if self.ref
+            else {"directory": self.directory}
+            if self.directory
+            else {"bucket": self.bucket}
+        )
         return {
             "sound": self.sound,
             **where,
@@ -373,12 +380,15 @@ def verify_local_cache(
     return report
 
 
-def cache_from_line(spec: S3Spec | LocalSpec, region: str | None = None) -> str:
+def cache_from_line(spec: S3Spec | LocalSpec | RegistrySpec, region: str | None = None) -> str:
     """The ``docker buildx build --cache-from`` line that imports this cache.
 
     BuildKit needs a region (``region=`` or AWS_REGION); the endpoint and path style are
     written only when the spec names them (a real AWS bucket needs neither).
     """
+    if isinstance(spec, RegistrySpec):
+        insecure = ",registry.insecure=true" if spec.registry_insecure else ""
+        return f"docker buildx build --cache-from type=registry,ref={spec.reference}{insecure} ."
     if isinstance(spec, LocalSpec):
         selector = f",digest={spec.digest}" if spec.digest else ""
         if spec.tag:

@@ -120,6 +120,9 @@ class FaultPlan:
     # The relay maps its ETags back to the server's in CompleteMultipartUpload.
     kms_parts: bool = False
     match: Callable[[Request], bool] = field(default=lambda request: True)
+    # Answer a request here instead of forwarding it: (status, headers, body), or None to
+    # forward it (e.g. a registry's 429 with Retry-After, or a 401 with a challenge).
+    answer: Callable[[Request], tuple[int, list[tuple[str, str]], bytes] | None] | None = None
 
 
 WRITES = ("CreateMultipartUpload", "UploadPart", "PutObject")
@@ -428,6 +431,12 @@ class FaultProxy:
                 keep = (_get(request.headers, "Connection") or "").lower() != "close"
                 matched = plan.match(request)
 
+                custom = plan.answer(request) if plan.answer is not None else None
+                if custom is not None:
+                    self._answer_custom(conn, request, *custom)
+                    if not keep:
+                        return
+                    continue
                 if matched and self._draw() < plan.error_rate:
                     self._answer_error(conn, request, self._choice(plan.errors))
                     if not keep:
@@ -665,6 +674,19 @@ class FaultProxy:
             "x-amz-request-id: faultproxy\r\n\r\n"
         )
         conn.sendall(head.encode() + body)
+
+    def _answer_custom(
+        self, conn: socket.socket, request: Request, status: int,
+        headers: list[tuple[str, str]], body: bytes,
+    ) -> None:
+        with self._lock:
+            self.stats.errors += 1
+            self.stats.faults_by_operation[f"{status} {request.method}"] += 1
+        if request.method == "HEAD":
+            body = b""
+        lines = [f"HTTP/1.1 {status} Answered", *(f"{k}: {v}" for k, v in headers)]
+        lines.append(f"Content-Length: {len(body)}")
+        conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
 
     @staticmethod
     def _answer_status(conn: socket.socket, status: int) -> None:

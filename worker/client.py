@@ -51,13 +51,18 @@ def submitted_key(export_id: str) -> str:
 
 def export_title(request: ExportRequest) -> str:
     """The export's name in Flower: ``export /srv/caches/app → s3://ci-cache/ app;main``."""
-    from tasks.request import LocalTargetSpec
+    from tasks.request import LocalTargetSpec, RegistrySpec
 
     source = request.source
-    origin = source.src if hasattr(source, "src") else f"s3://{source.bucket}/{source.prefix}"
+    if isinstance(source, RegistrySpec):
+        origin = str(source.reference)
+    else:
+        origin = source.src if hasattr(source, "src") else f"s3://{source.bucket}/{source.prefix}"
     target = request.target
     if isinstance(target, LocalTargetSpec):
         return f"export {origin} → {target.dest}:{target.tag}"
+    if isinstance(target, RegistrySpec):
+        return f"export {origin} → {target.reference}"
     return f"export {origin} → s3://{target.bucket}/{target.prefix} {';'.join(target.name)}"
 
 

@@ -24,11 +24,27 @@ from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
 from tasks import metrics, registry, state
+from tasks.backends.registry import source as registry_source
+from tasks.backends.registry.allow import check_registry_allowed
+from tasks.backends.registry.client import (
+    PermanentRegistryError,
+    RegistryClient,
+    TransientRegistryError,
+    client_for,
+)
+from tasks.backends.registry.target import RegistryTarget
 from tasks.cacheformat import FormatError
 from tasks.ingester import DigestMismatchError, IngestError
 from tasks.jobs import ending
 from tasks.policy import Access, check_spec
-from tasks.request import LocalSpec, LocalTargetSpec, RequestError, S3Spec, target_from_json
+from tasks.request import (
+    LocalSpec,
+    LocalTargetSpec,
+    RegistrySpec,
+    RequestError,
+    S3Spec,
+    target_from_json,
+)
 from tasks.s3client import is_transient
 from tasks.settings import Settings, get_settings
 from tasks.sources import local as local_source
@@ -42,7 +58,14 @@ if TYPE_CHECKING:
 
 logger = get_task_logger("tasks.jobs")
 
-PERMANENT = (RequestError, SourceError, FormatError, DigestMismatchError, IngestError)
+PERMANENT = (
+    RequestError,
+    SourceError,
+    FormatError,
+    DigestMismatchError,
+    IngestError,
+    PermanentRegistryError,
+)
 
 
 class ExportFailed(Exception):
@@ -62,8 +85,14 @@ def cancelled_key(export_id: str) -> str:
     return f"cacheship-cancelled-{export_id}"
 
 
-def check_allowed(spec: S3Spec, config: Settings, role: str, access: Access = "write") -> None:
-    """The bucket and endpoint lists (tasks/policy.py); RequestError names the setting."""
+def check_allowed(
+    spec: S3Spec | RegistrySpec, config: Settings, role: str, access: Access = "write"
+) -> None:
+    """The operator's lists, before any connection: buckets and endpoints (tasks/policy.py),
+    registries (tasks/backends/registry/allow.py); RequestError names the setting."""
+    if isinstance(spec, RegistrySpec):
+        check_registry_allowed(spec.reference, config.allowed_registries, role)
+        return
     check_spec(spec, config.policy(), role, access)
 
 
@@ -76,18 +105,34 @@ def s3_client(spec: S3Spec, config: Settings, role: str, access: Access) -> S3Cl
     return config.s3_client(spec)
 
 
-def load_source(source: LocalSpec | S3Spec, config: Settings) -> LoadedCache:
+def registry_client(spec: RegistrySpec, config: Settings, role: str) -> RegistryClient:
+    """A client for the spec's registry, refused unless the operator listed it."""
+    check_registry_allowed(spec.reference, config.allowed_registries, role)
+    return client_for(spec.reference.endpoint_host, spec.registry_insecure)
+
+
+def load_source(source: LocalSpec | S3Spec | RegistrySpec, config: Settings) -> LoadedCache:
     if isinstance(source, LocalSpec):
         return local_source.load(source, config.source_roots, max_layers=config.max_layers)
+    if isinstance(source, RegistrySpec):
+        return registry_source.load(
+            source, registry_client(source, config, "source"), max_layers=config.max_layers
+        )
     return s3_source.load(
         source, s3_client(source, config, "source", "read"), max_layers=config.max_layers
     )
 
 
 @contextmanager
-def open_blob(source: LocalSpec | S3Spec, digest: str, config: Settings) -> Iterator[BinaryIO]:
+def open_blob(
+    source: LocalSpec | S3Spec | RegistrySpec, digest: str, config: Settings
+) -> Iterator[BinaryIO]:
     if isinstance(source, LocalSpec):
         stream = local_source.open_blob(source, config.source_roots, digest)
+    elif isinstance(source, RegistrySpec):
+        stream = registry_source.open_blob(
+            source, registry_client(source, config, "source"), digest
+        )
     else:
         stream = s3_source.open_blob(source, s3_client(source, config, "source", "read"), digest)
     try:
@@ -97,19 +142,38 @@ def open_blob(source: LocalSpec | S3Spec, digest: str, config: Settings) -> Iter
 
 
 def open_target(
-    spec: S3Spec | LocalTargetSpec,
+    spec: S3Spec | LocalTargetSpec | RegistrySpec,
     config: Settings,
     redis: Any,
     on_wait: Callable[[], None] = lambda: None,
     on_pull: Callable[[list[str]], None] = lambda digests: None,
+    source: LocalSpec | S3Spec | RegistrySpec | None = None,
 ) -> Target:
     """The store an export writes to, configured from the worker's settings.
 
     A local target is refused here (RequestError, nothing created) when its directory lies
-    outside ``CACHESHIP_DEST_ROOTS``.
+    outside ``CACHESHIP_DEST_ROOTS``; a registry one when ``CACHESHIP_ALLOWED_REGISTRIES``
+    does not list it. A registry source on the target's registry (given as ``source``)
+    lets layers be mounted instead of copied.
     """
     if isinstance(spec, LocalTargetSpec):
         return LocalTarget(spec, config.dest_roots)
+    if isinstance(spec, RegistrySpec):
+        mount_from = None
+        if (
+            isinstance(source, RegistrySpec)
+            and source.reference.endpoint_host == spec.reference.endpoint_host
+            and source.registry_insecure == spec.registry_insecure
+        ):
+            mount_from = source.reference.repository
+        return RegistryTarget(
+            registry_client(spec, config, "target"),
+            spec,
+            redis,
+            chunk_size=config.registry_chunk_size,
+            mount_from=mount_from,
+            on_wait=on_wait,
+        )
     return S3Target(
         s3_client(spec, config, "target", "write"),
         spec,
@@ -135,7 +199,7 @@ def retry_or_fail(
     the worker's death: the retry is a message in Redis.
     """
     retries = task.request.retries
-    if not is_transient(exc):
+    if not (is_transient(exc) or isinstance(exc, TransientRegistryError)):
         on_give_up()
         raise ExportFailed(f"{what}: {type(exc).__name__}: {exc}") from None
     if retries >= config.copy_max_retries:

@@ -91,6 +91,7 @@ def copy_layer(
         config,
         redis,
         on_wait=lambda: publish(0, "waiting for another upload of this blob"),
+        source=req.source,
     )
     began = time.monotonic()
     try:

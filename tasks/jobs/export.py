@@ -16,6 +16,7 @@ from celery import Task, chord, group, shared_task
 from celery.exceptions import Ignore
 
 from tasks import metrics, registry, state
+from tasks.backends.registry.target import too_large
 from tasks.cacheformat import EmptyCacheError
 from tasks.jobs.common import (
     PERMANENT,
@@ -35,7 +36,14 @@ from tasks.jobs.copy_layer import copy_layer, layer_title
 from tasks.jobs.finalize import finalize
 from tasks.plan import ExportPlan, plan_export
 from tasks.progress import PROGRESS, config_step, layer_step, manifest_step, now_iso
-from tasks.request import LocalSpec, LocalTargetSpec, S3Spec, parse_request
+from tasks.request import (
+    LocalSpec,
+    LocalTargetSpec,
+    RegistrySpec,
+    RequestError,
+    S3Spec,
+    parse_request,
+)
 from tasks.sources import local as local_source
 
 #: HEADs in flight while looking for layers already stored (BuildKit-like, quick on S3).
@@ -69,10 +77,13 @@ def _steps(plan: ExportPlan, export_id: str, image_manifest: bool) -> list[dict[
     return steps
 
 
-def describe(target: S3Spec | LocalTargetSpec) -> str:
-    """How a person names the destination: ``s3://bucket/prefix main;other``, ``DIR:tag``."""
+def describe(target: S3Spec | LocalTargetSpec | RegistrySpec) -> str:
+    """How a person names the destination: ``s3://bucket/prefix main;other``, ``DIR:tag``,
+    ``host/repository:tag``."""
     if isinstance(target, LocalTargetSpec):
         return f"{target.dest}:{target.tag}"
+    if isinstance(target, RegistrySpec):
+        return str(target.reference)
     return f"s3://{target.bucket}/{target.prefix} {';'.join(target.name)}"
 
 
@@ -90,15 +101,20 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     try:
         req = parse_request(request)
         self.request.args = [req.model_dump(mode="json", by_alias=True)]
-        if isinstance(req.target, S3Spec):
+        if isinstance(req.target, S3Spec | RegistrySpec):
             check_allowed(req.target, config, "target")
         else:
             open_target(req.target, config, redis)  # dest under CACHESHIP_DEST_ROOTS?
-        if isinstance(req.source, S3Spec):
+        if isinstance(req.source, S3Spec | RegistrySpec):
             check_allowed(req.source, config, "source", "read")
         self.update_state(state=PROGRESS, meta={"export_id": export_id, "phase": "reading",
                                                 "started_at": now_iso()})
         plan = plan_export(load_source(req.source, config), req.target)
+        if isinstance(req.target, RegistrySpec) and not req.target.merges:
+            # BuildKit's importer would refuse it: refused before a byte is copied.
+            for what, desc in (("config", plan.config_desc), ("manifest", plan.manifest_desc)):
+                if (message := too_large(what, desc)) is not None:
+                    raise RequestError(f"target.ref: {message}")
         if isinstance(req.source, LocalSpec):
             # A missing or wrong-sized layer file fails the export before any upload.
             local_source.check_blobs(req.source, config.source_roots, plan.layers)
@@ -126,7 +142,7 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     state.save_plan(
         redis,
         export_id,
-        {"plan": plan_json, "steps": steps, "target": target},
+        {"plan": plan_json, "steps": steps, "target": target, "source": source},
         config.result_expires,
     )
     meta = {

@@ -24,7 +24,13 @@ from tasks.names import NameWrite, NameWriteError
 from tasks.plan import ExportPlan
 from tasks.progress import PROGRESS, now_iso
 from tasks.publish import IncompleteCacheError
-from tasks.request import S3Spec, target_from_json
+from tasks.request import (
+    LocalTargetSpec,
+    RegistrySpec,
+    S3Spec,
+    parse_request,
+    target_from_json,
+)
 
 
 @shared_task(bind=True, name="cacheship.finalize", max_retries=None)
@@ -47,12 +53,17 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
             )
 
     # Waiting happens only for a name another export is merging into (merge=true).
+    source = stored.get("source")
     store = open_target(
         target,
         config,
         redis,
         on_wait=lambda: publish("writing", "waiting for another merge"),
         on_pull=pull,
+        # A registry target mounts the config from a source on the same registry.
+        source=parse_request({"source": source, "target": stored["target"]}).source
+        if source
+        else None,
     )
     base = {
         "export_id": export_id,
@@ -97,7 +108,7 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         store.put_blob(plan.config_desc, plan.config)
         publish("writing", steps[-1]["name"])
         store.put_blob(plan.manifest_desc, plan.manifest)
-        merges = isinstance(target, S3Spec) and target.merges
+        merges = isinstance(target, S3Spec | RegistrySpec) and target.merges
         publish("writing", "merging names" if merges else "writing names")
         writes = store.write_names(plan, on_name=lambda write: _merged(write, merged, publish))
         keys = [write.key for write in writes]
@@ -110,7 +121,7 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
             _fail(self, export_id, str(failed))
 
     outcomes = state.load_outcomes(redis, export_id)
-    counts = {"uploaded": 0, "skipped": 0, "touched": 0}
+    counts = {"uploaded": 0, "skipped": 0, "touched": 0, "mounted": 0}
     for item in outcomes.values():
         counts[item["action"]] = counts.get(item["action"], 0) + 1
     result = {
@@ -118,13 +129,15 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         "export_id": export_id,
         "cache.manifest": plan.manifest_desc.to_json(),
         "config": plan.config_desc.digest,
-        **({"bucket": target.bucket} if isinstance(target, S3Spec) else {"dest": target.dest}),
+        **_where(target),
         "names": keys,
         **({"merged": merged} if merged else {}),
         "layers": len(plan.layers),
         "layers_uploaded": counts["uploaded"],
         "layers_skipped": counts["skipped"],
         "layers_touched": counts["touched"],
+        # Registries only: linked from the source repository, no bytes copied.
+        **({"layers_mounted": counts["mounted"]} if counts["mounted"] else {}),
         "bytes_total": plan.bytes_total,
         "bytes_sent": sum(int(o["bytes_sent"]) for o in outcomes.values()),
         "bytes_resumed": sum(int(o["bytes_resumed"]) for o in outcomes.values()),
@@ -138,6 +151,15 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
     # result carries everything a caller reads.
     state.drop_plan(redis, export_id)
     return {"export_id": export_id, "status": "complete", "names": keys}
+
+
+def _where(target: S3Spec | LocalTargetSpec | RegistrySpec) -> dict[str, str]:
+    """The result's field naming the destination: bucket, dest or ref."""
+    if isinstance(target, S3Spec):
+        return {"bucket": target.bucket}
+    if isinstance(target, RegistrySpec):
+        return {"ref": str(target.reference)}
+    return {"dest": target.dest}
 
 
 def _merged(

@@ -70,6 +70,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "credentials": {"source": "irsa", "irsaRoleArn": IRSA_ROLE},
         },
         "sources": {"roots": ["/srv/caches"], "sharedVolume": {"enabled": True}},
+        "registries": {
+            "allowed": ["ghcr.io/acme/*", "registry.internal:5000"],
+            "dockerConfig": {"existingSecret": "registry-credentials"},
+        },
         "networkPolicy": {"enabled": True, "s3Ports": [443, 9000]},
         "flower": {
             "ingress": {

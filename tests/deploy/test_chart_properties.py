@@ -200,6 +200,8 @@ def test_worker_settings_come_through_as_the_settings_class_reads_them(
     assert settings.task_soft_time_limit < settings.task_time_limit
     assert 30 <= settings.visibility_timeout <= 120  # leases: a lost pod's work moves on fast
     assert settings.heartbeat_file == Path("/run/cacheship/heartbeat")
+    assert settings.allowed_registries == ["ghcr.io/acme/*", "registry.internal:5000"]
+    assert settings.registry_chunk_size == 32 * 1024 * 1024
 
 
 def test_redis_url_comes_from_the_external_secret_by_default(defaults: Rendered) -> None:
@@ -275,6 +277,30 @@ def test_shared_volume_is_mounted_read_only_and_allowed_as_a_source_root() -> No
     assert not existing.of_kind("PersistentVolumeClaim")
     worker = existing.one("Deployment", "worker")
     assert volumes(worker)["sources"]["persistentVolumeClaim"]["claimName"] == "farm-nfs"
+
+
+def test_registry_credentials_are_a_secret_mounted_as_config_json_in_workers_only(
+    tmp_path: Path,
+) -> None:
+    from tasks.backends.registry.auth import config_path
+
+    plain = container(render().one("Deployment", "worker"))
+    assert env_of(plain)["CACHESHIP_ALLOWED_REGISTRIES"] == ""  # no registry unless listed
+    assert "DOCKER_CONFIG" not in env_of(plain)
+    rendered = render(VALUE_SETS["everything"])
+    worker = rendered.one("Deployment", "worker")
+    c = container(worker)
+    directory = env_of(c)["DOCKER_CONFIG"]
+    mount = mounts(c)[directory]
+    assert mount["readOnly"] is True
+    secret = volumes(worker)[mount["name"]]["secret"]
+    assert secret["secretName"] == "registry-credentials"
+    assert secret["items"] == [{"key": ".dockerconfigjson", "path": "config.json"}]
+    # The file the workers read is the mounted key.
+    assert config_path({"DOCKER_CONFIG": directory}) == Path(directory) / "config.json"
+    flower = container(rendered.one("Deployment", "flower"))
+    assert "DOCKER_CONFIG" not in env_of(flower)
+    assert directory not in mounts(flower)
 
 
 def test_flower_has_authentication_on_by_default(defaults: Rendered) -> None:

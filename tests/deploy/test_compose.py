@@ -160,6 +160,15 @@ def test_worker_command_and_settings(
     assert settings.s3_use_path_style is True
     assert settings.allowed_buckets == [dotenv["CACHESHIP_BUCKET"]]
     assert settings.source_roots == [Path(dotenv["CACHESHIP_SOURCE_ROOTS"])]
+    assert settings.allowed_registries == []
+    # Registry credentials: the config.json file given as a secret where DOCKER_CONFIG points.
+    worker = services(model)["worker"]
+    assert worker["secrets"] == [
+        {"source": "docker-config", "target": f"{env['DOCKER_CONFIG']}/config.json"}
+    ]
+    given = Path(model["secrets"]["docker-config"]["file"])
+    given = given if given.is_absolute() else Path(__file__).resolve().parents[2] / given
+    assert given.name == "docker-config.json" and json.loads(given.read_text()) == {"auths": {}}
     # S3 credentials reach the AWS SDK the usual way: MinIO's account.
     assert env["AWS_ACCESS_KEY_ID"] == dotenv["MINIO_ROOT_USER"]
     assert env["AWS_SECRET_ACCESS_KEY"] == dotenv["MINIO_ROOT_PASSWORD"]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 if TYPE_CHECKING:
-    from tasks.request import LocalSpec, S3Spec
+    from tasks.request import LocalSpec, RegistrySpec, S3Spec
 
 #: Exit codes (the README lists them).
 EXIT_OK = 0
@@ -114,7 +114,7 @@ def check_redis(url: str, timeout: float = 5.0, patience: float = 5.0) -> None:
             fail(f"cannot reach Redis at {mask_url(url)}: {redact(str(exc)) or type(exc).__name__}")
 
 
-def parse_option_spec(text: str, option: str, role: str) -> LocalSpec | S3Spec:
+def parse_option_spec(text: str, option: str, role: str) -> LocalSpec | S3Spec | RegistrySpec:
     """Parse a ``type=...`` option; errors name the option (``--to: target.bucket: ...``)."""
     from tasks.request import RequestError, parse_spec
 

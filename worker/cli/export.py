@@ -32,14 +32,14 @@ from worker.cli.report import (
 from worker.client import Client
 
 if TYPE_CHECKING:
-    from tasks.request import ExportRequest, LocalSpec, LocalTargetSpec, S3Spec
+    from tasks.request import ExportRequest, LocalSpec, LocalTargetSpec, RegistrySpec, S3Spec
     from worker.client import Snapshot
 
 # Rich, the request models and the watch view are imported where they are used: without
 # --wait the command needs the models and redis-py only, and returns within a quarter second.
 
 
-def _absolute(spec: LocalSpec | S3Spec) -> LocalSpec | S3Spec:
+def _absolute(spec: LocalSpec | S3Spec | RegistrySpec) -> LocalSpec | S3Spec | RegistrySpec:
     """A relative ``src`` means the current directory here, not the worker's."""
     from tasks.request import LocalSpec
 
@@ -48,7 +48,9 @@ def _absolute(spec: LocalSpec | S3Spec) -> LocalSpec | S3Spec:
     return spec
 
 
-def _absolute_dest(spec: LocalTargetSpec | S3Spec) -> LocalTargetSpec | S3Spec:
+def _absolute_dest(
+    spec: LocalTargetSpec | S3Spec | RegistrySpec,
+) -> LocalTargetSpec | S3Spec | RegistrySpec:
     """A relative ``dest`` too."""
     from tasks.request import LocalTargetSpec
 
@@ -57,7 +59,9 @@ def _absolute_dest(spec: LocalTargetSpec | S3Spec) -> LocalTargetSpec | S3Spec:
     return spec
 
 
-def check_local_source(spec: LocalSpec | S3Spec, given: str, option: str) -> None:
+def check_local_source(
+    spec: LocalSpec | S3Spec | RegistrySpec, given: str, option: str
+) -> None:
     """Refuse at enqueue time what the workers would refuse, when this host can tell.
 
     With ``CACHESHIP_SOURCE_ROOTS`` set here (the demo's env file and the compose ``.env``
@@ -217,15 +221,15 @@ def follow(
     "--from",
     "source",
     metavar="SRC",
-    help="The cache to copy: type=local,src=DIR (as --cache-to type=local,dest=DIR wrote it) "
-    "or type=s3,bucket=...",
+    help="The cache to copy: type=local,src=DIR (as --cache-to type=local,dest=DIR wrote it), "
+    "type=s3,bucket=... or type=registry,ref=HOST/REPO[:TAG|@DIGEST]",
 )
 @click.option(
     "--to",
     "target",
     metavar="DST",
-    help="Where to write it: type=s3,bucket=B[,region=R,name=N,prefix=P,...] or "
-    "type=local,dest=DIR[,tag=T] (buildx's form).",
+    help="Where to write it: type=s3,bucket=B[,region=R,name=N,prefix=P,...], "
+    "type=registry,ref=HOST/REPO[:TAG] or type=local,dest=DIR[,tag=T] (buildx's form).",
 )
 @click.option(
     "--request",

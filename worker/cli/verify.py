@@ -35,7 +35,7 @@ def report_lines(report: VerifyReport) -> list[str]:
     lines = []
     for named in report.names:
         where = f"{named.key} ({named.name})" if report.directory else (
-            f"s3://{report.bucket}/{named.key}"
+            named.key if report.ref else f"s3://{report.bucket}/{named.key}"
         )
         if named.found:
             lines.append(
@@ -63,7 +63,8 @@ def report_lines(report: VerifyReport) -> list[str]:
     "cache",
     required=True,
     metavar="SPEC",
-    help="The cache: type=s3,bucket=B[,name=N,prefix=P,endpoint_url=URL,...] or "
+    help="The cache: type=s3,bucket=B[,name=N,prefix=P,endpoint_url=URL,...], "
+    "type=registry,ref=HOST/REPO[:TAG|@DIGEST][,registry.insecure=true] or "
     "type=local,src=DIR[,tag=T].",
 )
 @click.option("--deep", is_flag=True, help="Also read every blob back and check its sha256.")
@@ -74,14 +75,17 @@ def verify_command(cache: str, deep: bool, as_json: bool) -> None:
     S3: reads the config under every name (BuildKit reads the first), checks that it
     parses, that every layer has its diffID and that every layer blob exists with its
     size. The endpoint comes from the spec or CACHESHIP_S3_ENDPOINT_URL, credentials from
-    AWS's usual chain. Local: reads index.json, the manifest under the tag and the config
-    (each checked against its digest), parses the records and checks every layer blob.
+    AWS's usual chain. Registry: reads the manifest under the tag (or digest) and the config
+    (each refused over BuildKit's 1 MiB), parses the records and HEADs every layer blob, with
+    the credentials of docker's config.json. Local: reads index.json, the manifest under the
+    tag and the config (each checked against its digest), parses the records and checks
+    every layer blob.
     --deep also checks every blob's sha256.
     """
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    from tasks.request import LocalSpec
+    from tasks.request import LocalSpec, RegistrySpec
     from tasks.verify import cache_from_line, verify_cache, verify_local_cache
 
     spec = parse_option_spec(cache, "--cache", "cache")
@@ -95,6 +99,16 @@ def verify_command(cache: str, deep: bool, as_json: bool) -> None:
     def run(on_blob: Callable[[BlobCheck], None] | None) -> VerifyReport:
         if isinstance(spec, LocalSpec):
             return verify_local_cache(Path(spec.src), spec, deep=deep, on_blob=on_blob)
+        if isinstance(spec, RegistrySpec):
+            from tasks.backends.registry.client import RegistryClient
+            from tasks.backends.registry.verify import verify_registry_cache
+
+            ref = spec.reference
+            client = RegistryClient(ref.endpoint_host, insecure=spec.registry_insecure)
+            try:
+                return verify_registry_cache(client, spec, deep=deep, on_blob=on_blob)
+            finally:
+                client.close()
         return verify_cache(s3_client(spec), spec, deep=deep, on_blob=on_blob)
 
     if deep and err.is_terminal and not as_json:
@@ -119,6 +133,8 @@ def verify_command(cache: str, deep: bool, as_json: bool) -> None:
     else:
         if isinstance(spec, LocalSpec):
             click.echo(f"cache {spec.src}")
+        elif isinstance(spec, RegistrySpec):
+            click.echo(f"cache {spec.reference}")
         else:
             click.echo(f"cache s3://{spec.bucket}/{spec.manifest_key(spec.name[0])}")
         for line in report_lines(report):

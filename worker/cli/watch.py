@@ -47,6 +47,7 @@ _MARKS = {
     "uploaded": "uploaded",
     "skipped": "skipped: already in the bucket",
     "touched": "touched: already in the bucket, refreshed",
+    "mounted": "mounted: linked from the source repository",
     "done": "done",
 }
 
