@@ -1,4 +1,4 @@
-"""Scenario 10: what one export leaves in Redis once it has ended, at 10, 300 and 3,000 layers.
+"""Scenario 11: what one export leaves in Redis once it has ended, at 10, 300 and 3,000 layers.
 
 Every key the export created is found by listing the keys before and after it (``SCAN``),
 leaving out what belongs to the fleet rather than the export (the broker's own bindings and
@@ -166,7 +166,7 @@ def footprint(ctx: Context) -> list[Row]:
                 )
                 rows.append(
                     Row(
-                        scenario=f"10 Redis kept by an ended export, {count} layers, {label}",
+                        scenario=f"11 Redis kept by an ended export, {count} layers, {label}",
                         unit="bytes",
                         cacheship=float(kept),
                         baseline=float(kept + transient),

@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import servers
-from bench.buildkit import against_buildkit, fixed_costs
+from bench import delay, servers
+from bench.buildkit import BUILDKIT_EXPORTER, against_buildkit, fixed_costs
+from bench.fleet import fleet
 from bench.footprint import footprint
 from bench.scenarios import SCENARIOS, Context, Row, Sizes
 from bench.stack import Cacheship, baseline_upload, bench_client, drop_prefix, new_prefix
@@ -34,8 +35,13 @@ ALL_SCENARIOS = {
     **SCENARIOS,
     "buildkit": against_buildkit,
     "fixed": fixed_costs,
+    "fleet": fleet,
     "footprint": footprint,
 }
+#: Scenarios run once, under the first condition: the format benchmark never talks to the
+#: S3 server, and what Redis keeps does not depend on the store's latency.
+NO_S3 = {"normalize", "footprint"}
+CONDITIONS = ("loopback", "rtt")
 
 
 def _log(message: str) -> None:
@@ -128,6 +134,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="size of the prune scenario (default 100000,1000; --quick 300,10)",
     )
     parser.add_argument(
+        "--rtt-ms",
+        type=float,
+        default=20.0,
+        help="round trip the delay line adds between every client and the S3 server",
+    )
+    parser.add_argument(
+        "--condition",
+        action="append",
+        choices=CONDITIONS,
+        help="loopback (the server as it is) and/or rtt (through the delay line); "
+        "default: both, loopback first",
+    )
+    parser.add_argument(
+        "--buildkit-exporter",
+        type=Path,
+        default=os.environ.get(BUILDKIT_EXPORTER) or None,
+        metavar="PATH",
+        help="binary exporting a local cache with BuildKit's cache/remotecache/s3 exporter "
+        f"(see bench/README.md; default ${BUILDKIT_EXPORTER}); without it the raw client "
+        "stands in for BuildKit",
+    )
+    parser.add_argument(
         "--worker-env",
         action="append",
         default=[],
@@ -149,6 +177,10 @@ def _warm_up(ctx: Context) -> None:
         drop_prefix(ctx.s3, ctx.theirs, prefix)
 
 
+def _label(condition: str, rtt_ms: float) -> str:
+    return "loopback" if condition == "loopback" else f"{rtt_ms:g} ms"
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     kind = args.server or servers.default_server()
     sizes = Sizes.quick() if args.quick else Sizes.full(args.runs)
@@ -156,9 +188,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         blobs, names = (int(part) for part in args.prune_size.split(","))
         sizes.prune = (blobs, names)
     chosen = args.only or list(ALL_SCENARIOS)
+    conditions = [c for c in CONDITIONS if c in (args.condition or CONDITIONS)]
+    exporter = str(args.buildkit_exporter) if args.buildkit_exporter else None
+    if exporter and not os.access(exporter, os.X_OK):
+        raise SystemExit(f"--buildkit-exporter: {exporter} is not an executable file")
     part_size = Settings().part_size
     rows: list[Row] = []
-    info: dict[str, Any] = {"machine": machine(), "server": kind, "quick": args.quick}
+    info: dict[str, Any] = {
+        "machine": machine(),
+        "server": kind,
+        "quick": args.quick,
+        "conditions": [_label(c, args.rtt_ms) for c in conditions],
+        "rtt_ms": args.rtt_ms,
+        "buildkit_exporter": exporter is not None,
+    }
     with contextlib.ExitStack() as cleanup:  # undone in reverse, however the run ends
         scratch = Path(tempfile.mkdtemp(prefix="cacheship-bench-", dir=args.scratch))
         cleanup.callback(shutil.rmtree, scratch, ignore_errors=True)
@@ -179,37 +222,56 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         cleanup.callback(cacheship.stop)
         started = time.perf_counter()
-        cacheship.start()
         s3 = bench_client(server.url, args.concurrency * args.upload_parallelism)
         for bucket in ("cacheship-bench", "baseline-bench"):
             s3.create_bucket(Bucket=bucket)
-        ctx = Context(
-            s3=s3,
-            cacheship=cacheship,
-            ours="cacheship-bench",
-            theirs="baseline-bench",
-            server_pid=server.proc.pid,
-            scratch=scratch,
-            sizes=sizes,
-            concurrency=args.concurrency,
-            upload_parallelism=args.upload_parallelism,
-            part_size=part_size,
-            log=_log,
-        )
-        _warm_up(ctx)
-        for name in ALL_SCENARIOS:
-            if name not in chosen:
-                continue
-            _log(f"scenario {name}")
-            if name == "memory":
-                # A fresh worker, so that every high-water mark belongs to this scenario.
-                cacheship.stop()
-                cacheship.start("mem")
-                _warm_up(ctx)
-            rows.extend(ALL_SCENARIOS[name](ctx))
-            for cache_dir in source_root.iterdir():
-                if cache_dir.name != "warmup":
-                    shutil.rmtree(cache_dir, ignore_errors=True)
+        done_once: set[str] = set()
+        for condition in conditions:
+            label = _label(condition, args.rtt_ms)
+            url = server.url
+            if condition == "rtt":
+                line = delay.start(server.url, args.rtt_ms)
+                cleanup.callback(line.stop)
+                url = line.url
+            _log(f"condition {label}: S3 at {url}")
+            cacheship.stop()
+            cacheship.s3_url = url
+            cacheship.start()
+            ctx = Context(
+                s3=bench_client(url, args.concurrency * args.upload_parallelism),
+                cacheship=cacheship,
+                ours="cacheship-bench",
+                theirs="baseline-bench",
+                server_pid=server.proc.pid,
+                scratch=scratch,
+                sizes=sizes,
+                concurrency=args.concurrency,
+                upload_parallelism=args.upload_parallelism,
+                part_size=part_size,
+                log=_log,
+                s3_url=url,
+                condition=label,
+                buildkit_exporter=exporter,
+            )
+            _warm_up(ctx)
+            for name in ALL_SCENARIOS:
+                if name not in chosen or (name in NO_S3 and name in done_once):
+                    continue
+                done_once.add(name)
+                _log(f"scenario {name} [{label}]")
+                if name == "memory":
+                    # A fresh worker, so that every high-water mark belongs to this scenario.
+                    cacheship.stop()
+                    cacheship.start("mem")
+                    _warm_up(ctx)
+                found = ALL_SCENARIOS[name](ctx)
+                for row in found:
+                    row.scenario = f"{row.scenario} [{label}]"
+                    row.detail["condition"] = label
+                rows.extend(found)
+                for cache_dir in source_root.iterdir():
+                    if cache_dir.name != "warmup":
+                        shutil.rmtree(cache_dir, ignore_errors=True)
     info.update(
         {
             "concurrency": args.concurrency,

@@ -50,7 +50,7 @@ class Sizes:
     smoke: bool = False
     # Scenario 7: blobs in the bucket and names (three layers each) referencing some.
     prune: tuple[int, int] = (100_000, 1_000)
-    # Scenario 10: layers of the exports whose Redis footprint is measured.
+    # Scenario 11: layers of the exports whose Redis footprint is measured.
     footprint: tuple[int, ...] = (10, 300, 3000)
 
     @classmethod
@@ -123,6 +123,12 @@ class Context:
     upload_parallelism: int
     part_size: int
     log: Callable[[str], None]
+    #: The URL every S3 client of this condition uses (the server's, or the delay line's).
+    s3_url: str = ""
+    #: ``loopback``, or the delay line's round trip (``20 ms``): the rows' suffix.
+    condition: str = "loopback"
+    #: The harness binary running BuildKit's own S3 exporter (``--buildkit-exporter``).
+    buildkit_exporter: str | None = None
     _seed: int = 100
 
     @property

@@ -7,11 +7,13 @@ layer they reference is known to be stored, so no name ever points at a missing 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
 from celery import Task, shared_task
 
 from tasks import registry, state
+from tasks.cacheformat import Descriptor
 from tasks.jobs.common import (
     ExportFailed,
     finish_export,
@@ -31,6 +33,7 @@ from tasks.request import (
     parse_request,
     target_from_json,
 )
+from tasks.targets import Target
 
 
 @shared_task(bind=True, name="cacheship.finalize", max_retries=None)
@@ -104,10 +107,10 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         missing = store.missing(unconfirmed)
         if missing:
             raise IncompleteCacheError(f"layers missing from the bucket: {', '.join(missing[:5])}")
+        # Config and manifest go up together: on a store 20 ms away one round trip, not two.
+        # Progress names the config step until both are stored (never a step as done early).
         publish("writing", steps[-2]["name"])
-        store.put_blob(plan.config_desc, plan.config)
-        publish("writing", steps[-1]["name"])
-        store.put_blob(plan.manifest_desc, plan.manifest)
+        _put_blobs(store, [(plan.config_desc, plan.config), (plan.manifest_desc, plan.manifest)])
         merges = isinstance(target, S3Spec | RegistrySpec) and target.merges
         publish("writing", "merging names" if merges else "writing names")
         writes = store.write_names(plan, on_name=lambda write: _merged(write, merged, publish))
@@ -160,6 +163,13 @@ def _where(target: S3Spec | LocalTargetSpec | RegistrySpec) -> dict[str, str]:
     if isinstance(target, RegistrySpec):
         return {"ref": str(target.reference)}
     return {"dest": target.dest}
+
+
+def _put_blobs(store: Target, blobs: list[tuple[Descriptor, bytes]]) -> None:
+    """Store the small blobs at once; the first failure is raised once all have ended."""
+    with ThreadPoolExecutor(max_workers=len(blobs)) as pool:
+        for done in [pool.submit(store.put_blob, desc, data) for desc, data in blobs]:
+            done.result()
 
 
 def _merged(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from tasks.cacheformat import CacheConfig, Descriptor
+if TYPE_CHECKING:  # the command line imports SourceError without the codec
+    from tasks.cacheformat import CacheConfig, Descriptor
 
 # BuildKit refuses bigger manifests and configs in its content importer; a source reads at
 # most this much of one, so a hostile file cannot exhaust a worker's memory.

@@ -76,15 +76,15 @@ def check_local_source(
     if not isinstance(spec, LocalSpec):
         return
     from tasks.envlist import env_paths
-    from tasks.sources import local
+    from tasks.sources import localdir
     from tasks.sources.common import SourceError
 
     roots = env_paths("CACHESHIP_SOURCE_ROOTS")  # what Settings reads, without building it
     try:
         if roots:
-            local.resolve_source_dir(spec.src, roots)
+            localdir.resolve_source_dir(spec.src, roots)
         elif not os.path.isabs(given) or os.path.exists(spec.src):
-            local.check_layout(Path(spec.src))
+            localdir.check_layout(Path(spec.src))
     except SourceError as exc:
         fail(f"{option}: {exc}", EXIT_USAGE)
 
