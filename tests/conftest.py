@@ -15,6 +15,22 @@ from worker.client import Client
 from worker.embedded import ServerProcess, start_redis, start_s3
 
 
+def expected_seconds(item: pytest.Item) -> float:
+    """How long a test marked ``slow`` takes, as its mark says (``slow(seconds=...)``)."""
+    mark = item.get_closest_marker("slow")
+    return float(mark.kwargs.get("seconds", 60)) if mark is not None else 0.0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` first, the longest first; the rest in their collected order.
+
+    A parallel run (pytest-xdist, scripts/test) hands tests out in this order, one at a time
+    to whichever process is free: the scenarios of several minutes start at once on separate
+    processes instead of one of them starting late and keeping the whole run waiting.
+    """
+    items.sort(key=lambda item: -expected_seconds(item))
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[ServerProcess]:
     server = start_s3()

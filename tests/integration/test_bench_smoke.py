@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.stack import REPO
 
 ROW_KEYS = {
@@ -26,6 +28,7 @@ ROW_KEYS = {
 }
 
 
+@pytest.mark.slow(seconds=70)
 def test_quick_benchmark_prints_the_table_and_writes_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     run = subprocess.run(

@@ -240,7 +240,7 @@ def stored_parts(s3: Any, bucket: str, key: str) -> int:
 # --------------------------------------------------------------------------- worker deaths
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=175)
 def test_export_survives_repeated_sigkills_in_the_middle_of_large_layers(
     redis_server: ServerProcess,
     s3_server: ServerProcess,

@@ -68,7 +68,7 @@ def copying_on(client: Client, export_id: str, cache: SampleCache) -> set[str]:
     return hosts
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=420)
 def test_whole_worker_kills_never_stall_an_export(
     redis_server: ServerProcess,
     s3_server: ServerProcess,
@@ -124,7 +124,7 @@ def test_whole_worker_kills_never_stall_an_export(
     )
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=180)
 def test_a_copy_longer_than_every_lease_is_delivered_once(
     redis_server: ServerProcess,
     proxy: FaultProxy,

@@ -167,6 +167,7 @@ def wait_until(check: Callable[[], Any], what: str, timeout: float = 60.0) -> An
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_flower_shows_layer_progress_in_a_browser(
     env: dict[str, str],
     workers: Callable[..., Worker],

@@ -125,6 +125,7 @@ def test_merging_the_same_export_again_changes_nothing(
     assert _merge(once, _s3_form(_json(second))).s3_config == once
 
 
+@pytest.mark.slow(seconds=100)
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(
     s3_configs(),
