@@ -33,8 +33,8 @@ from tasks.sources.common import (
     SourceError,
     check_layer_count,
 )
-from tasks.sources.localdir import ROOTS_SETTING, check_layout, resolve_source_dir
 from tasks.sources.localdir import inside as _inside
+from tasks.sources.localdir import resolve_source_dir
 
 REF_NAME = "org.opencontainers.image.ref.name"
 
