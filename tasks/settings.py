@@ -117,6 +117,27 @@ class Settings(BaseSettings):
             "(s); what each layer did is kept in the export's ledger for result_expires."
         ),
     )
+    redis_patience: float = Field(
+        default=180,
+        ge=1,
+        description=(
+            "How long workers and waiting commands wait for an unreachable Redis (a restart, a "
+            "fail-over) before an operation gives up (s)."
+        ),
+    )
+    stall_timeout: float = Field(
+        default=120,
+        ge=1,
+        description=(
+            "An export that made no progress for this long is looked at: what is missing is "
+            "sent again, or the export fails with the reason (s)."
+        ),
+    )
+    stall_redrives: int = Field(
+        default=3,
+        ge=0,
+        description="Times a stalled export is driven again before it fails for good.",
+    )
     copy_max_retries: int = Field(default=8, ge=0, description="Retries of a transient error.")
     progress_interval: float = Field(
         default=0.5, gt=0, description="Seconds between progress updates of a running step."

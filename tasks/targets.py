@@ -81,11 +81,14 @@ class S3Target:
         min_part_size: int = 8 * 1024 * 1024,
         on_wait: Callable[[], None] = lambda: None,
         on_pull: Callable[[list[str]], None] = lambda digests: None,
+        on_tick: Callable[[], None] = lambda: None,
     ) -> None:
         """``on_pull``: blobs a merge keeps from a stored name (see ``write_name``)."""
         self.client, self.spec, self.redis = client, spec, redis
         self.head_forbidden, self.min_part_size = head_forbidden, min_part_size
         self.on_wait, self.on_pull = on_wait, on_pull
+        # Called every few seconds while waiting for a blob's lock: the wait is progress.
+        self.on_tick = on_tick
 
     def copy_layer(
         self,
@@ -126,7 +129,7 @@ class S3Target:
             waited = True
             self.on_wait()
 
-        with single_flight(self.redis, name, on_wait=wait):
+        with single_flight(self.redis, name, on_wait=wait, on_tick=self.on_tick):
             look = waited or info is not None or bool(self.redis.exists(stored_mark(name)))
             outcome = copy(head=look)
             if outcome.action == "uploaded":

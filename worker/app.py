@@ -22,22 +22,32 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_init, worker_process_init
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from tasks.settings import Settings, get_settings
 from worker import metrics as _metrics  # noqa: F401  (its signal handlers serve /metrics)
 from worker.schedule import beat_schedule
 
-# About 17 s of retrying, for publishes and for every command on the result backend.
-PUBLISH_RETRY = {"max_retries": 12, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 2}
-REDIS_RETRIES = 12
+#: Seconds a command on a silent connection (a black-holed network, a frozen server) waits for
+#: its answer before it counts as failed and is retried: well under the lease.
+SOCKET_TIMEOUT = 15
+
+
+def publish_retry(patience: float) -> dict[str, Any]:
+    """Celery's publish retry policy spanning ``patience`` seconds (a Redis restart)."""
+    return {
+        "max_retries": max(1, int(patience / 2) + 4),
+        "interval_start": 0.1,
+        "interval_step": 0.5,
+        "interval_max": 2,
+    }
 
 
 def configure(app: Celery, settings: Settings) -> None:
     """Apply the settings; also used by tests that build an app for a throw-away Redis."""
     transport = {
         "visibility_timeout": settings.visibility_timeout,
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": SOCKET_TIMEOUT,
         # Look for the lapsed leases of dead workers on every sweep (each 10 s), not on every
         # 10th as recent kombu does by default: a killed worker's copy then runs again about
         # visibility_timeout after its last renewal, not up to 100 s later.
@@ -60,7 +70,10 @@ def configure(app: Celery, settings: Settings) -> None:
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         result_backend_always_retry=True,
+        # Each attempt is itself retried for CACHESHIP_REDIS_PATIENCE (make_patient).
         result_backend_max_retries=20,
+        redis_socket_timeout=SOCKET_TIMEOUT,
+        redis_socket_connect_timeout=SOCKET_TIMEOUT,
         redis_backend_health_check_interval=10,
         redis_retry_on_timeout=True,
         redis_socket_keepalive=True,
@@ -77,9 +90,9 @@ def configure(app: Celery, settings: Settings) -> None:
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         broker_connection_timeout=10,
-        # A Redis restart or fail-over takes seconds: a message sent meanwhile (a retry, the
-        # chord's callback) waits that long instead of being lost after Celery's 0.6 s.
-        task_publish_retry_policy=PUBLISH_RETRY,
+        # A Redis restart or fail-over: a message sent meanwhile (a retry, the chord's
+        # callback) waits for it instead of being lost after Celery's 0.6 s.
+        task_publish_retry_policy=publish_retry(settings.redis_patience),
         timezone="UTC",
         beat_schedule=beat_schedule(settings),
     )
@@ -112,20 +125,22 @@ def _from_environment(sender: Celery, **_: Any) -> None:
 @worker_init.connect
 @worker_process_init.connect
 def _patient_redis(**_: Any) -> None:
-    """Let each process that runs tasks ride out a Redis restart instead of failing its task.
+    """Let each process that runs tasks ride out a Redis outage instead of failing its task.
 
     That is the worker's own process with the threads pool (``worker_init``), each pool
     process with prefork (``worker_process_init``).
 
     Celery retries its own result writes, but the bookkeeping (plan, outcomes) and the
     chord's counting use the backend's Redis client directly, whose connections retry a
-    command once, at once. Give them a backoff that spans a restart.
+    command once, at once. Give them a backoff that spans ``CACHESHIP_REDIS_PATIENCE``.
     """
     make_patient(app)
 
 
-def make_patient(celery_app: Celery) -> None:
-    """Give the result backend's Redis client a backoff that spans a Redis restart."""
-    client: Any = getattr(celery_app.backend, "client", None)  # the Redis backend's client
+def make_patient(celery_app: Celery, patience: float | None = None) -> None:
+    """Give the result backend's Redis client a backoff that spans a Redis outage."""
+    from worker.internals import backend_redis, set_patience
+
+    client: Any = backend_redis(celery_app.backend)
     if client is not None:
-        client.set_retry(Retry(ExponentialBackoff(cap=2.0, base=0.1), REDIS_RETRIES))
+        set_patience(client, get_settings().redis_patience if patience is None else patience)

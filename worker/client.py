@@ -11,7 +11,9 @@ result = client.wait(export_id)
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from tasks.ledger import Ledger, derived_id, late_key, ledger_key
 from tasks.ledger import decode as decode_ledger
 from tasks.state import alive_key, last_seen_key, outcomes_key, plan_key
-from worker.message import encode, task_message
+from worker.internals import encode, task_message
 
 if TYPE_CHECKING:
     import redis
@@ -42,6 +44,53 @@ LOST = "LOST"
 # tasks.settings' result_expires default (a unit test keeps them equal); the environment's
 # CACHESHIP_RESULT_EXPIRES wins, as it does for the workers.
 RESULT_EXPIRES = 7 * 24 * 3600
+# tasks.settings' redis_patience default (same test); CACHESHIP_REDIS_PATIENCE wins.
+REDIS_PATIENCE = 180.0
+#: Seconds one read retries by itself before the waiting loop hears of the outage.
+READ_PATIENCE = 3.0
+#: Seconds between two "waiting for Redis" messages during one outage.
+SAY_EVERY = 10.0
+
+logger = logging.getLogger("cacheship.client")
+
+
+def redis_down_errors() -> tuple[type[BaseException], ...]:
+    """redis-py's connection errors and timeouts (not the builtins of the same names)."""
+    import redis
+
+    return (redis.ConnectionError, redis.TimeoutError)
+
+
+class RedisOutage:
+    """An outage as a polling loop sees it: say so now and then, give up after patience.
+
+    ``failed(exc)`` after a read that could not reach Redis (raises ``exc`` once the outage
+    is older than ``patience``); ``ok()`` after one that did.
+    """
+
+    def __init__(self, where: str, patience: float, say: Callable[[str], None]) -> None:
+        self.where, self.patience, self.say = where, patience, say
+        self.since: float | None = None
+        self.said = 0.0
+
+    def failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since, self.said = now, 0.0
+        down = now - self.since
+        if down > self.patience:
+            raise exc
+        if not self.said or now - self.said >= SAY_EVERY:
+            self.said = now
+            self.say(
+                f"waiting for Redis at {self.where}: unreachable for {down:.0f}s "
+                f"({type(exc).__name__}); giving up after {self.patience:.0f}s"
+            )
+
+    def ok(self) -> None:
+        if self.since is not None:
+            self.say(f"Redis at {self.where} is back after {time.monotonic() - self.since:.0f}s")
+            self.since = None
 
 
 def submitted_key(export_id: str) -> str:
@@ -188,6 +237,7 @@ class Client:
         self.redis_url = redis_url
         self.queue = queue
         self.result_expires = int(os.environ.get("CACHESHIP_RESULT_EXPIRES", RESULT_EXPIRES))
+        self.redis_patience = float(os.environ.get("CACHESHIP_REDIS_PATIENCE", REDIS_PATIENCE))
         self._exports: dict[str, _SeenExport] = {}
 
     @cached_property
@@ -200,9 +250,19 @@ class Client:
 
         app = Celery("cacheship-client")
         configure(app, Settings(redis_url=self.redis_url, queue=self.queue))
-        # Reads go to Redis directly (pipelines, MGET): let them ride out a restart too.
-        make_patient(app)
+        # Reads go to Redis directly (pipelines, MGET): a blip is retried there; a longer
+        # outage is waited out by the loops that follow an export (they say so).
+        make_patient(app, READ_PATIENCE)
         return app
+
+    @property
+    def where(self) -> str:
+        """The Redis address, without credentials."""
+        return re.sub(r"//[^@/]*@", "//", self.redis_url)
+
+    def outage(self, say: Callable[[str], None] | None = None) -> RedisOutage:
+        """A tracker for one loop's outages (``say``: the Python logger by default)."""
+        return RedisOutage(self.where, self.redis_patience, say or logger.warning)
 
     @cached_property
     def _publisher(self) -> redis.Redis:
@@ -479,14 +539,27 @@ class Client:
     ) -> dict[str, Any]:
         """The final result, or ExportError with the worker's message.
 
+        A Redis outage is waited out for ``CACHESHIP_REDIS_PATIENCE`` seconds (180), with a
+        warning on the ``cacheship.client`` logger every few seconds; the result is then the
+        export's real outcome.
+
         Wakes as soon as the export's state changes (Celery's Redis backend publishes every
         state it stores on the task's key); ``interval`` only bounds the wait between two
         reads when no message comes (lost detection, a dropped subscription).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        outage = self.outage()
+        down = redis_down_errors()
         with self._woken_by(export_id) as pause:
             while True:
-                snap = self.snapshot(export_id, with_steps=False)
+                try:
+                    snap = self.snapshot(export_id, with_steps=False)
+                except down as exc:
+                    # Redis restarting: the export goes on meanwhile; wait for it (logged).
+                    outage.failed(exc)
+                    pause(interval)
+                    continue
+                outage.ok()
                 if snap.state == "SUCCESS":
                     return snap.result or {}
                 if snap.state in READY:

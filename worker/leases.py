@@ -23,16 +23,19 @@ import weakref
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_received, worker_ready, worker_shutdown
+from celery.signals import heartbeat_sent, task_received, worker_ready, worker_shutdown
 from celery.utils.log import get_logger
 
+from tasks import flight
 from tasks.state import alive_key, last_seen_key
+from worker import internals
 from worker.app import app
 
 logger = get_logger(__name__)
 
 _held: weakref.WeakSet[Any] = weakref.WeakSet()
 _stop = threading.Event()
+_keeper: dict[str, Any] = {}  # "thread", "hostname", "app", "rounds"
 
 
 def renew_interval(visibility_timeout: float) -> float:
@@ -50,15 +53,15 @@ def renew_once(channel: Any, hostname: str, interval: float, now: float | None =
     now = time.time() if now is None else now
     tags = {}
     for request in list(_held):
-        if request.acknowledged:
+        tag = internals.held_tag(request)
+        if tag is None:
             _held.discard(request)
             continue
-        tags[request.message.delivery_tag] = now
-    client = channel.client
+        tags[tag] = now
+    client = internals.channel_redis(channel)
     with client.pipeline() as pipe:
         if tags:
-            # XX: only messages still unacked; an acked one must not come back.
-            pipe.zadd(channel.unacked_index_key, tags, xx=True)
+            internals.rescore_held(channel, pipe, tags)
         pipe.set(alive_key(hostname), repr(now), ex=int(interval * 3) + 1)
         pipe.set(last_seen_key(hostname), repr(now), ex=7 * 24 * 3600)
         pipe.execute()
@@ -66,6 +69,8 @@ def renew_once(channel: Any, hostname: str, interval: float, now: float | None =
 
 
 def _keep(celery: Celery, hostname: str) -> None:
+    """Renew every ``interval``; a failed round (Redis down, a black-holed connection cut by
+    its socket timeout) is tried again on a fresh connection within two seconds."""
     interval = renew_interval(float(celery.conf.broker_transport_options["visibility_timeout"]))
     while not _stop.is_set():
         try:
@@ -73,6 +78,9 @@ def _keep(celery: Celery, hostname: str) -> None:
                 channel = conn.default_channel
                 while True:
                     renew_once(channel, hostname, interval)
+                    _keeper["rounds"] = _keeper.get("rounds", 0) + 1
+                    # The blob locks' renewal thread, started again should it have stopped.
+                    flight.ensure_renewing()
                     if _stop.wait(interval):
                         return
         except Exception as exc:  # Redis restarting: try again next round
@@ -81,12 +89,42 @@ def _keep(celery: Celery, hostname: str) -> None:
                 return
 
 
+def start_keeper(celery: Celery, hostname: str) -> threading.Thread:
+    """Start the lease thread (again, when it stopped)."""
+    thread = threading.Thread(target=_keep, args=(celery, hostname), name="leases", daemon=True)
+    _keeper.update(thread=thread, hostname=hostname, app=celery)
+    thread.start()
+    return thread
+
+
+def ensure_keeper() -> bool:
+    """Start the lease thread again if it died; True when it had to.
+
+    Called from the worker's event loop at every heartbeat (every few seconds): a worker
+    whose renewals stopped would have its running copies handed to others after one lease.
+    """
+    thread = _keeper.get("thread")
+    if thread is None or thread.is_alive() or _stop.is_set():
+        return False
+    logger.warning("lease renewal thread was not running; started again")
+    start_keeper(_keeper["app"], _keeper["hostname"])
+    return True
+
+
 @worker_ready.connect
 def _start(sender: Any = None, **_: Any) -> None:
     hostname = getattr(sender, "hostname", None) or "unknown"
     _stop.clear()
-    thread = threading.Thread(target=_keep, args=(app, hostname), name="leases", daemon=True)
-    thread.start()
+    start_keeper(app, hostname)
+    from worker import watchdog
+
+    watchdog.start(app, hostname, _stop)
+
+
+@heartbeat_sent.connect
+def _check(**_: Any) -> None:
+    ensure_keeper()
+    flight.ensure_renewing()
 
 
 @worker_shutdown.connect
@@ -96,5 +134,4 @@ def _stopped(sender: Any = None, **_: Any) -> None:
     hostname = getattr(sender, "hostname", None)
     if hostname:
         with contextlib.suppress(Exception), app.connection_for_write() as conn:
-            channel: Any = conn.default_channel
-            channel.client.delete(alive_key(hostname))
+            internals.channel_redis(conn.default_channel).delete(alive_key(hostname))

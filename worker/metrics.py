@@ -34,6 +34,8 @@ from typing import Any
 from celery.signals import import_modules, worker_init, worker_process_init, worker_shutdown
 
 from tasks.settings import Settings, get_settings
+from worker import internals
+from worker.internals import queue_lists
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +44,6 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 REDIS_TIMEOUT = 5.0
 
 _state: dict[str, Any] = {}
-
-
-def queue_lists(queue: str) -> list[str]:
-    """The Redis lists kombu keeps one queue in: the queue's name, then one per priority step."""
-    from kombu.transport.redis import Channel
-
-    return [queue] + [f"{queue}{Channel.sep}{step}" for step in Channel.priority_steps if step]
 
 
 class QueueCollector:
@@ -63,7 +58,6 @@ class QueueCollector:
         self._client: Any = None
 
     def _read(self) -> tuple[int, int]:
-        from kombu.transport.redis import Channel
         from redis import Redis
 
         if self._client is None:
@@ -73,7 +67,7 @@ class QueueCollector:
         with self._client.pipeline(transaction=False) as pipe:
             for name in queue_lists(self._queue):
                 pipe.llen(name)
-            pipe.hlen(Channel.unacked_key)
+            pipe.hlen(internals.unacked_key())
             *lengths, unacked = pipe.execute()
         return sum(int(n) for n in lengths), int(unacked)
 
@@ -165,12 +159,8 @@ def prepare(settings: Settings) -> Path | None:
         )
     directory = Path(tempfile.mkdtemp(prefix="cacheship-metrics-"))
     os.environ[MULTIPROC_ENV] = str(directory)
-    from prometheus_client import values
-
-    untyped: Any = values
-    if not getattr(untyped.ValueClass, "_multiprocess", False):
-        # prometheus_client was imported before (the variable was not set yet): choose again.
-        untyped.ValueClass = untyped.get_value_class()
+    # prometheus_client may have been imported before (the variable was not set yet).
+    internals.use_multiprocess_values()
     _state["dir"] = directory
     owner = os.getpid()
     atexit.register(lambda: _remove(directory) if os.getpid() == owner else None)

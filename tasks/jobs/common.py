@@ -10,20 +10,23 @@ FAILURE with its reason, under its own name.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from celery import Task
-from celery.signals import task_revoked
-from celery.states import SUCCESS
+from celery.signals import task_failure, task_revoked
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
+from kombu.exceptions import OperationalError
+from redis import exceptions as redis_errors
 
-from tasks import metrics, registry, state
+from tasks import metrics, registry, state, watchdog
 from tasks.backends.registry import source as registry_source
 from tasks.backends.registry.allow import check_registry_allowed
 from tasks.backends.registry.client import (
@@ -52,6 +55,7 @@ from tasks.sources import s3 as s3_source
 from tasks.sources.common import LoadedCache, SourceError
 from tasks.stores.local import LocalTarget
 from tasks.targets import S3Target, Target
+from worker import internals
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -67,6 +71,55 @@ PERMANENT = (
     PermanentRegistryError,
 )
 
+#: Redis unreachable (redis-py's own classes, not the builtins; kombu wraps them for the
+#: broker): after the client's own patience (``CACHESHIP_REDIS_PATIENCE``) ran out. The task
+#: is retried (``autoretry_for``), never failed: Redis comes back with its data.
+REDIS_DOWN: tuple[type[Exception], ...] = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    OperationalError,
+)
+
+#: Task options shared by every task of an export.
+PATIENT: dict[str, Any] = {"max_retries": None}
+
+#: Failures that lost a task to a Redis outage rather than ending it: the watchdog sends such
+#: a task again instead of failing its export.
+OUTAGE_NAMES = frozenset({"ConnectionError", "TimeoutError", "OperationalError", "Reject"})
+
+
+def waits_out_redis(
+    func: Callable[..., dict[str, Any]],
+) -> Callable[..., dict[str, Any]]:
+    """A task body that outlives a Redis outage: should Redis stay unreachable longer than
+    the client's own patience, wait for it here (the retry is a message in Redis, which
+    could not be sent now), then retry the task."""
+
+    @functools.wraps(func)
+    def run(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return func(self, *args, **kwargs)
+        except REDIS_DOWN as exc:
+            wait_for_redis(self, f"{self.name}[{self.request.id}]")
+            raise self.retry(exc=exc, countdown=1) from None
+
+    return run
+
+
+def wait_for_redis(task: Task[Any, Any], what: str) -> None:
+    """Block until Redis answers again (each PING is itself retried for the patience)."""
+    config = settings()
+    deadline = time.monotonic() + config.redis_patience
+    logger.warning("%s: Redis unreachable; waiting for it", what)
+    while True:
+        try:
+            redis_of(task).ping()
+            return
+        except REDIS_DOWN:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
 
 class ExportFailed(Exception):
     """A permanent failure; the message names the step (and so the layer)."""
@@ -78,7 +131,7 @@ def settings() -> Settings:
 
 def redis_of(task: Task[Any, Any]) -> Any:
     """The result backend's Redis client: bookkeeping lives beside the results."""
-    return task.backend.client  # type: ignore[attr-defined]
+    return internals.backend_redis(task.backend)
 
 
 def cancelled_key(export_id: str) -> str:
@@ -148,6 +201,7 @@ def open_target(
     on_wait: Callable[[], None] = lambda: None,
     on_pull: Callable[[list[str]], None] = lambda digests: None,
     source: LocalSpec | S3Spec | RegistrySpec | None = None,
+    on_tick: Callable[[], None] = lambda: None,
 ) -> Target:
     """The store an export writes to, configured from the worker's settings.
 
@@ -182,6 +236,7 @@ def open_target(
         min_part_size=config.part_size,
         on_wait=on_wait,
         on_pull=on_pull,
+        on_tick=on_tick,
     )
 
 
@@ -199,6 +254,10 @@ def retry_or_fail(
     the worker's death: the retry is a message in Redis.
     """
     retries = task.request.retries
+    if isinstance(exc, REDIS_DOWN):
+        # Not the store's fault, and not counted against its retries: wait for Redis.
+        wait_for_redis(task, what)
+        raise task.retry(args=args, exc=exc, countdown=1) from None
     if not (is_transient(exc) or isinstance(exc, TransientRegistryError)):
         on_give_up()
         raise ExportFailed(f"{what}: {type(exc).__name__}: {exc}") from None
@@ -219,8 +278,41 @@ def mark_started(redis: Any, export_id: str, ttl: int) -> None:
     redis.set(f"cacheship-started-{export_id}", repr(time.time()), ex=ttl, nx=True)
 
 
+def finished_key(export_id: str) -> str:
+    return f"cacheship-finished-{export_id}"
+
+
+def is_finished(redis: Any, export_id: str) -> bool:
+    return bool(redis.exists(finished_key(export_id)))
+
+
+def first_writer(redis: Any, key: str, ttl: int, what: str) -> bool:
+    """``SET key NX`` that is safe when the client sends it again after losing its reply.
+
+    The value is this writer's own token (after ``what``): a retried ``SET NX`` that finds
+    the key holding our token is our win, not another writer's.
+    """
+    token = f"{what}:{uuid.uuid4().hex}"
+    if redis.set(key, token, nx=True, ex=ttl):
+        return True
+    held = redis.get(key)
+    return (held.decode() if isinstance(held, bytes) else held) == token
+
+
 def finish_export(
     task: Task[Any, Any], export_id: str, result: dict[str, Any] | None, error: str | None
+) -> None:
+    """Write the export's final state under its own id and tell Flower, once (see
+    :func:`finish`)."""
+    finish(task.app, task.request.hostname, export_id, result, error)
+
+
+def finish(
+    app: Any,
+    hostname: str | None,
+    export_id: str,
+    result: dict[str, Any] | None,
+    error: str | None,
 ) -> None:
     """Write the export's final state under its own id and tell Flower, once.
 
@@ -228,40 +320,43 @@ def finish_export(
     cancelled (a layer after a failed one is not copied). Otherwise SUCCESS with ``result``.
     The first caller wins: a later success never overwrites a failure, nor the reverse.
     """
-    redis = redis_of(task)
-    ttl = int(task.app.conf.result_expires or 7 * 24 * 3600)
+    backend: Any = app.backend
+    redis = internals.backend_redis(backend)
+    ttl = int(app.conf.result_expires or 7 * 24 * 3600)
     outcome = "1" if error is None else "0"
-    if not redis.set(f"cacheship-finished-{export_id}", outcome, nx=True, ex=ttl):
+    if not first_writer(redis, finished_key(export_id), ttl, outcome):
         return
+    watchdog.forget(redis, export_id)
     _release(redis, export_id)
     started = export_started_at(redis, export_id)
     runtime = time.time() - started if started else 0.0
     metrics.export_finished("success" if error is None else "failure", runtime if started else None)
-    backend: Any = task.backend
     short = settings().layer_results_expires
     if error is None:
         # The layers are said once, in the ledger (written first: whoever sees SUCCESS finds
         # it); the stored result keeps the rest, and the client puts the steps back.
         steps = (result or {}).get("steps")
-        ending.fold(task, export_id, steps, ttl)
+        ending.fold(backend, export_id, steps, ttl)
         stored = {k: v for k, v in (result or {}).items() if k != "steps"}
         backend.store_result(export_id, stored, "SUCCESS")
-        _export_event(task, export_id, "task-succeeded", result=repr(result), runtime=runtime)
+        _export_event(app, hostname, export_id, "task-succeeded", result=repr(result),
+                      runtime=runtime)
         layers = [s["task_id"] for s in steps or [] if s["kind"] == "layer"]
-        ending.sweep(task, export_id, layers or _layer_task_ids(redis, export_id), short)
+        ending.sweep(backend, export_id, layers or _layer_task_ids(redis, export_id), short)
         return
     redis.set(cancelled_key(export_id), error, ex=ttl)
     # Layers still queued are dropped where they wait (Flower shows them REVOKED); one that
     # starts anyway sees the cancelled key and stops before copying.
     layer_ids = _layer_task_ids(redis, export_id)
     if layer_ids:
-        task.app.control.revoke(layer_ids)
-    ending.fold(task, export_id, None, ttl)
+        app.control.revoke(layer_ids)
+    ending.fold(backend, export_id, None, ttl)
     backend.store_result(export_id, ExportFailed(error), "FAILURE")
     _export_event(
-        task, export_id, "task-failed", exception=f"ExportFailed({error!r})", traceback=""
+        app, hostname, export_id, "task-failed", exception=f"ExportFailed({error!r})",
+        traceback=""
     )
-    ending.sweep(task, export_id, layer_ids, short)
+    ending.sweep(backend, export_id, layer_ids, short)
     logger.warning("export %s failed: %s", export_id, error)
 
 
@@ -275,10 +370,15 @@ def _release(redis: Any, export_id: str) -> None:
         logger.warning("export %s: registration not released: %s", export_id, exc)
 
 
-def _export_event(task: Task[Any, Any], export_id: str, kind: str, **fields: Any) -> None:
+def _export_event(
+    app: Any, hostname: str | None, export_id: str, kind: str, **fields: Any
+) -> None:
     """A task event about the export's id (not the sending task's): Flower's row for it."""
-    with task.app.events.default_dispatcher(hostname=task.request.hostname) as dispatcher:
-        dispatcher.send(kind, uuid=export_id, **fields)
+    try:
+        with app.events.default_dispatcher(hostname=hostname) as dispatcher:
+            dispatcher.send(kind, uuid=export_id, **fields)
+    except Exception as exc:  # the state is stored: a row in Flower is not worth failing for
+        logger.warning("export %s: %s event not sent: %s", export_id, kind, exc)
 
 
 def announce_skipped(
@@ -382,23 +482,41 @@ def record_skipped(
     encoded = json.dumps(record, separators=(",", ":"))
     outcomes = state.outcomes_key(export_id)
     done_at = datetime.now(UTC).isoformat()
-    with backend.client.pipeline() as pipe:
+    with internals.backend_redis(backend).pipeline() as pipe:
         for digest, size, task_id in layers:
             pipe.hsetnx(outcomes, digest, encoded)
-            meta: dict[str, Any] = {  # the fields Celery's Redis backend stores for a finished task
-                "status": SUCCESS,
-                "result": {"digest": digest, "size": size, **record},
-                "traceback": None,
-                "children": [],
-                "date_done": done_at,
-                "task_id": task_id,
-            }
-            key, value = backend.get_key_for_task(task_id), backend.encode(meta)
-            if backend.expires:
-                pipe.setex(key, backend.expires, value)
-            else:
-                pipe.set(key, value)
-            pipe.publish(key, value)
+            internals.store_success(
+                pipe, backend, task_id, {"digest": digest, "size": size, **record}, done_at
+            )
         pipe.expire(outcomes, ttl)
         pipe.execute()
 
+
+
+@task_failure.connect
+def _failed_outside_handling(
+    sender: Any = None, task_id: str | None = None, exception: BaseException | None = None,
+    args: Any = None, **_: Any,
+) -> None:
+    """A layer or finalize that failed with an error its own handling did not catch (a bug, a
+    Redis error that outlived every retry) fails its export now, with that error.
+
+    Without this the chord records the failure on ``finalize``'s id and the export stays in
+    PROGRESS until the watchdog looks. Failures the tasks report themselves (``ExportFailed``)
+    have already ended the export; ``finish`` is first-writer-wins anyway.
+    """
+    name = getattr(sender, "name", "")
+    if name not in ("cacheship.copy_layer", "cacheship.finalize") or exception is None:
+        return
+    if isinstance(exception, ExportFailed) or not args:
+        return
+    if type(exception).__name__ in OUTAGE_NAMES:
+        return  # lost to a Redis outage, not failed: the watchdog sends it again
+    export_id = str(args[0] if name == "cacheship.copy_layer" else args[-1])
+    what = "finalize" if name == "cacheship.finalize" else f"layer task {task_id}"
+    try:
+        request = getattr(sender, "request", None)
+        finish(sender.app, getattr(request, "hostname", None), export_id, None,
+               f"{what}: {type(exception).__name__}: {exception}")
+    except Exception as exc:  # the watchdog fails it later
+        logger.warning("export %s: failure not recorded: %s", export_id, exc)

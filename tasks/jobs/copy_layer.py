@@ -15,22 +15,29 @@ from celery import Task, shared_task
 from celery.exceptions import Ignore
 from celery.states import FAILURE
 
-from tasks import metrics, state
+from tasks import metrics, state, watchdog
 from tasks.cacheformat import Descriptor
 from tasks.jobs.common import (
+    PATIENT,
     PERMANENT,
+    REDIS_DOWN,
     ExportFailed,
     cancelled,
     finish_export,
+    logger,
     open_blob,
     open_target,
     redis_of,
     retry_or_fail,
     settings,
+    waits_out_redis,
 )
 from tasks.plan import desc_from_json
 from tasks.progress import PROGRESS, Throttle, layer_step, now_iso, step_meta
 from tasks.request import parse_request
+
+#: Seconds between two marks of a running layer's progress for the watchdog.
+MOVED_EVERY = 5.0
 
 
 def layer_title(digest: str, size: int) -> str:
@@ -46,7 +53,8 @@ def _size(size: float) -> str:
     return f"{size:.1f} GiB"
 
 
-@shared_task(bind=True, name="cacheship.copy_layer", max_retries=None)
+@shared_task(bind=True, name="cacheship.copy_layer", **PATIENT)
+@waits_out_redis
 def copy_layer(
     self: Task[Any, Any],
     export_id: str,
@@ -67,6 +75,15 @@ def copy_layer(
     req = parse_request({"source": source, "target": target})
     step = layer_step(desc.digest)
     started = now_iso()
+    watchdog.touch(redis, export_id)  # the export moves: a layer started
+    touched = time.monotonic()
+
+    def moved() -> None:
+        """Bytes moved, or this layer waits for another export's upload of its blob."""
+        nonlocal touched
+        if time.monotonic() - touched >= min(MOVED_EVERY, config.stall_timeout / 4):
+            touched = time.monotonic()
+            watchdog.touch(redis, export_id)
 
     def publish(done: int, status: str = "copying") -> None:
         meta = step_meta(
@@ -79,9 +96,13 @@ def copy_layer(
             status=status,
         )
         self.update_state(state=PROGRESS, meta=meta)
+        moved()
         # Flower shows a custom event's type as the state (PROGRESS) but only Celery's own
         # task fields; ``result`` carries the same metadata so the task page shows the bytes.
-        self.send_event("task-progress", result=json.dumps(meta), **meta)
+        try:
+            self.send_event("task-progress", result=json.dumps(meta), **meta)
+        except REDIS_DOWN as exc:  # a row in Flower is not worth stopping the copy for
+            logger.warning("%s: progress event not sent: %s", step, type(exc).__name__)
 
     # A layer that is done within one interval never publishes PROGRESS: its STARTED and
     # SUCCESS states say it all, and each publication costs Redis round trips per layer.
@@ -92,6 +113,7 @@ def copy_layer(
         redis,
         on_wait=lambda: publish(0, "waiting for another upload of this blob"),
         source=req.source,
+        on_tick=moved,
     )
     began = time.monotonic()
     try:
@@ -121,6 +143,7 @@ def copy_layer(
     # The first finished run's record wins and every run returns it: the value stays the
     # same across runs, and Flower's result line says what happened to the layer.
     first = state.record_outcome(redis, export_id, desc.digest, record, config.result_expires)
+    watchdog.touch(redis, export_id)
     return {"digest": desc.digest, "size": desc.size, **first}
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Task
 from celery.signals import task_postrun, task_revoked
 from celery.states import FAILURE, IGNORED, PENDING, RETRY, REVOKED, SUCCESS
 from celery.utils.log import get_task_logger
@@ -40,21 +39,19 @@ def dispatched_key(export_id: str) -> str:
     return f"cacheship-dispatched-{export_id}"
 
 
-def fold(
-    task: Task[Any, Any], export_id: str, steps: list[dict[str, Any]] | None, ttl: int
-) -> None:
+def fold(backend: Any, export_id: str, steps: list[dict[str, Any]] | None, ttl: int) -> None:
     """Write the export's ledger from its steps, outcomes and (after a failure) layer states.
 
     ``steps`` None: read them from the stored plan (a failed export; none when it never
     planned). Never fails the export: without a ledger, readers fall back on what is left.
     """
-    redis: Any = task.backend.client  # type: ignore[attr-defined]
+    redis: Any = backend.client
     try:
         if steps is None:
             steps = list(state.load_plan(redis, export_id)["steps"])
         layers = [s for s in steps if s["kind"] == "layer"]
         outcomes = state.load_outcomes(redis, export_id)
-        metas = _layer_states(task, layers) if len(outcomes) < len(layers) else {}
+        metas = _layer_states(backend, layers) if len(outcomes) < len(layers) else {}
         ends = [_end(s, outcomes.get(s["digest"]), metas.get(s["task_id"])) for s in layers]
         others = [s for s in steps if s["kind"] != "layer"]
         redis.set(ledger.ledger_key(export_id), ledger.encode(others, ends), ex=ttl)
@@ -64,9 +61,8 @@ def fold(
         logger.warning("export %s: ledger not written: %s", export_id, exc)
 
 
-def _layer_states(task: Task[Any, Any], layers: list[dict[str, Any]]) -> dict[str, Any]:
+def _layer_states(backend: Any, layers: list[dict[str, Any]]) -> dict[str, Any]:
     """Each layer task's stored state and result, by task id (one MGET)."""
-    backend: Any = task.backend
     ids = [s["task_id"] for s in layers]
     raws = backend.client.mget([backend.get_key_for_task(tid) for tid in ids])
     return {tid: backend.decode_result(raw) for tid, raw in zip(ids, raws, strict=True) if raw}
@@ -104,13 +100,12 @@ def _error(meta: dict[str, Any] | None) -> str:
     return text
 
 
-def sweep(task: Task[Any, Any], export_id: str, layer_ids: list[str], seconds: int) -> None:
+def sweep(backend: Any, export_id: str, layer_ids: list[str], seconds: int) -> None:
     """Give what the export kept per layer ``seconds`` to live (one pipelined round trip).
 
     The layers' results, the chord body's and the chord's counting keys, the outcome
     records, the plan and the dispatch marker: the ledger says all of it in a line a layer.
     """
-    backend: Any = task.backend
     group = ledger.derived_id(export_id, "layers")
     keys = [backend.get_key_for_task(tid) for tid in layer_ids]
     keys.append(backend.get_key_for_task(ledger.derived_id(export_id, "finalize")))

@@ -15,10 +15,11 @@ from typing import Any
 from celery import Task, chord, group, shared_task
 from celery.exceptions import Ignore
 
-from tasks import metrics, registry, state
+from tasks import metrics, registry, state, watchdog
 from tasks.backends.registry.target import too_large
 from tasks.cacheformat import EmptyCacheError
 from tasks.jobs.common import (
+    PATIENT,
     PERMANENT,
     ExportFailed,
     announce_skipped,
@@ -31,6 +32,7 @@ from tasks.jobs.common import (
     redis_of,
     retry_or_fail,
     settings,
+    waits_out_redis,
 )
 from tasks.jobs.copy_layer import copy_layer, layer_title
 from tasks.jobs.finalize import finalize
@@ -87,7 +89,8 @@ def describe(target: S3Spec | LocalTargetSpec | RegistrySpec) -> str:
     return f"s3://{target.bucket}/{target.prefix} {';'.join(target.name)}"
 
 
-@shared_task(bind=True, name="cacheship.export", max_retries=None)
+@shared_task(bind=True, name="cacheship.export", **PATIENT)
+@waits_out_redis
 def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     config = settings()
     export_id = str(self.request.id)
@@ -139,12 +142,15 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     plan_json = plan.to_json()
     source = req.source.model_dump(mode="json", by_alias=True)
     target = req.target.model_dump(mode="json", by_alias=True)
+    # The source too: the watchdog sends a lost layer's copy again from the plan alone.
     state.save_plan(
         redis,
         export_id,
         {"plan": plan_json, "steps": steps, "target": target, "source": source},
         config.result_expires,
     )
+    if not redis.exists(f"cacheship-finished-{export_id}"):
+        watchdog.touch(redis, export_id)  # watched from now on, until it ends
     meta = {
         "export_id": export_id,
         "phase": "copying",
@@ -179,11 +185,12 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
             plan.layers, parallelism=SKIP_CHECK_PARALLELISM
         )
         stored_digests = sorted(digest for digest, present in found.items() if present)
-        first = bool(
-            redis.set(marker, json.dumps(stored_digests), nx=True, ex=config.result_expires)
-        )
+        # The token tells our own write, read back after a retried SET NX, from another's.
+        mine = json.dumps({"stored": stored_digests, "by": uuid.uuid4().hex})
+        first = bool(redis.set(marker, mine, nx=True, ex=config.result_expires))
         if not first:
             known = redis.get(marker)
+            first = (known.decode() if isinstance(known, bytes) else known) == mine
     if not first:
         found = {digest: True for digest in _stored_at_dispatch(known)}
     layer_ids = [step["task_id"] for step in steps[: len(plan.layers)]]
@@ -226,6 +233,8 @@ def _stored_at_dispatch(raw: Any) -> list[str]:
         value = json.loads(raw)
     except (TypeError, ValueError):
         return []
+    if isinstance(value, dict):
+        value = value.get("stored")
     return [str(d) for d in value] if isinstance(value, list) else []
 
 

@@ -12,15 +12,17 @@ from typing import Any, NoReturn
 
 from celery import Task, shared_task
 
-from tasks import registry, state
+from tasks import registry, state, watchdog
 from tasks.cacheformat import Descriptor
 from tasks.jobs.common import (
+    PATIENT,
     ExportFailed,
     finish_export,
     open_target,
     redis_of,
     retry_or_fail,
     settings,
+    waits_out_redis,
 )
 from tasks.names import NameWrite, NameWriteError
 from tasks.plan import ExportPlan
@@ -36,7 +38,8 @@ from tasks.request import (
 from tasks.targets import Target
 
 
-@shared_task(bind=True, name="cacheship.finalize", max_retries=None)
+@shared_task(bind=True, name="cacheship.finalize", **PATIENT)
+@waits_out_redis
 def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str) -> dict[str, Any]:
     config = settings()
     redis = redis_of(self)
@@ -85,6 +88,7 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         self.backend.store_result(export_id, meta, PROGRESS)
         self.update_state(state=PROGRESS, meta={"export_id": export_id, "phase": phase,
                                                 "current": current})
+        watchdog.touch(redis, export_id)
 
     try:
         # A recorded outcome was written after the store itself confirmed the blob (upload

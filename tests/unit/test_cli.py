@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from click.testing import CliRunner, Result
 
 from tasks.request import ExportRequest, request_schema
@@ -117,11 +118,18 @@ def running_then_failed() -> list[Snapshot]:
 
 
 class FakeClient:
-    """Stands in for worker.client.Client: replays snapshots, records submissions."""
+    """Stands in for worker.client.Client: replays snapshots, records submissions.
 
-    def __init__(self, snapshots: list[Snapshot]) -> None:
+    ``down``: how many reads fail first as if Redis were unreachable.
+    """
+
+    redis_patience = 180.0
+    where = "redis://127.0.0.1:1/0"
+
+    def __init__(self, snapshots: list[Snapshot], down: int = 0) -> None:
         self._snapshots = snapshots
         self._index = 0
+        self._down = down
         self.submitted: list[ExportRequest] = []
 
     def submit(self, request: ExportRequest) -> str:
@@ -130,6 +138,9 @@ class FakeClient:
 
     def snapshot(self, export_id: str, with_steps: bool = True) -> Snapshot:
         assert export_id == EXPORT_ID
+        if self._index == 1 and self._down > 0:
+            self._down -= 1
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
         snap = self._snapshots[min(self._index, len(self._snapshots) - 1)]
         self._index += 1
         return snap
@@ -386,6 +397,31 @@ def test_export_request_from_stdin(fake: list[FakeClient]) -> None:
     assert fake[-1].submitted[0].target.name == ["main", "pr-1"]
 
 
+def test_export_wait_rides_out_redis_being_down_and_reports_the_outcome(
+    fake: list[FakeClient],
+) -> None:
+    fake.append(FakeClient(running_then_done(), down=3))
+    result = run("export", "--from", FROM, "--to", TO, "--wait", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == RESULT
+    assert "waiting for Redis at redis://127.0.0.1:1/0: unreachable" in result.stderr
+    assert "Redis at redis://127.0.0.1:1/0 is back" in result.stderr
+
+
+def test_export_wait_gives_up_on_redis_after_its_patience(
+    fake: list[FakeClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = FakeClient(running_then_done(), down=10**6)
+    client.redis_patience = 0.05
+    fake.append(client)
+    clock = iter(range(0, 10**6))
+    monkeypatch.setattr("worker.client.time.monotonic", lambda: float(next(clock)))
+    result = run("export", "--from", FROM, "--to", TO, "--wait")
+    assert result.exit_code == 1
+    assert "unreachable for over 0s" in result.stderr
+    assert f"cacheship status {EXPORT_ID} --wait" in result.stderr
+
+
 def test_export_wait_json_prints_the_final_result(fake: list[FakeClient]) -> None:
     fake.append(FakeClient(running_then_done()))
     result = run("export", "--from", FROM, "--to", TO, "--wait", "--json")
@@ -605,6 +641,10 @@ def test_the_client_keeps_results_as_long_as_the_workers(monkeypatch: pytest.Mon
     assert Client("redis://127.0.0.1:1/0").result_expires == Settings().result_expires
     monkeypatch.setenv("CACHESHIP_RESULT_EXPIRES", "3600")
     assert Client("redis://127.0.0.1:1/0").result_expires == Settings().result_expires == 3600
+    monkeypatch.delenv("CACHESHIP_REDIS_PATIENCE", raising=False)
+    assert Client("redis://127.0.0.1:1/0").redis_patience == Settings().redis_patience
+    monkeypatch.setenv("CACHESHIP_REDIS_PATIENCE", "30")
+    assert Client("redis://127.0.0.1:1/0").redis_patience == Settings().redis_patience == 30
 
 
 def test_help_and_export_import_neither_celery_nor_boto3() -> None:

@@ -29,7 +29,7 @@ from worker.cli.report import (
     summary_lines,
     took,
 )
-from worker.client import Client
+from worker.client import Client, redis_down_errors
 
 if TYPE_CHECKING:
     from tasks.request import ExportRequest, LocalSpec, LocalTargetSpec, RegistrySpec, S3Spec
@@ -192,7 +192,20 @@ def follow(
         if not as_json:
             click.echo(export_id)
         snap: Snapshot = watch(
-            client, export_id, err, plain_write=lambda line: click.echo(line, err=True)
+            client,
+            export_id,
+            err,
+            plain_write=lambda line: click.echo(line, err=True),
+            patience=client.redis_patience,
+            where=client.where,
+        )
+    except redis_down_errors() as exc:
+        fail(
+            redact(
+                f"Redis at {client.where} unreachable for over {client.redis_patience:.0f}s "
+                f"({type(exc).__name__}: {exc}); export {export_id} may go on: "
+                f"cacheship status {export_id} --wait"
+            )
         )
     except KeyboardInterrupt:
         click.echo(

@@ -25,7 +25,7 @@ from rich.live import Live
 from rich.text import Text
 
 from worker.cli.common import human_bytes, short_digest
-from worker.client import Snapshot, StepStatus
+from worker.client import RedisOutage, Snapshot, StepStatus, redis_down_errors
 
 ACTIONS = frozenset({"uploaded", "skipped", "touched"})
 RUNNING = frozenset({"STARTED", "PROGRESS", "RECEIVED"})
@@ -427,6 +427,9 @@ class PlainView:
     def running(self) -> Iterator[PlainView]:
         yield self
 
+    def note(self, line: str) -> None:
+        self.write(line)
+
     def show(self, tracker: Tracker, events: list[Event]) -> None:
         if not self.announced and tracker.steps:
             self.announced = True
@@ -672,6 +675,10 @@ class LiveView:
     def finish(self) -> None:
         """Nothing to stop: the last frame stays on screen."""
 
+    def note(self, line: str) -> None:
+        """A line above the screen (e.g. waiting for Redis)."""
+        self.live.console.print(Text(line, style="yellow"))
+
 
 def watch(
     client: Snapshots,
@@ -680,8 +687,13 @@ def watch(
     *,
     interval: float = 0.25,
     plain_write: Callable[[str], None] | None = None,
+    patience: float = 0.0,
+    where: str = "",
 ) -> Snapshot:
     """Follow the export until it is done; returns the final snapshot.
+
+    ``patience``: seconds an unreachable Redis at ``where`` is waited for (saying so) before
+    its error is raised; 0 raises at once.
 
     KeyboardInterrupt leaves the live view cleanly and propagates: the caller says how to
     watch again (the export itself goes on).
@@ -692,10 +704,21 @@ def watch(
         view = LiveView(console)
     else:
         view = PlainView(plain_write or (lambda line: console.print(line, markup=False)))
+    outage = RedisOutage(where, patience, view.note) if patience else None
+    down = redis_down_errors()
     with view.running():
         while True:
             began = time.monotonic()
-            snap = client.snapshot(export_id)
+            try:
+                snap = client.snapshot(export_id)
+            except down as exc:
+                if outage is None:
+                    raise
+                outage.failed(exc)  # raises once Redis was gone longer than the patience
+                time.sleep(max(interval, 1.0))
+                continue
+            if outage is not None:
+                outage.ok()
             events = tracker.update(snap)
             view.show(tracker, events)
             if snap.ready:
