@@ -30,6 +30,7 @@ _READABLE = (
     "celery-task-meta-*",
     "cacheship-plan-*",
     "cacheship-outcomes-*",
+    "cacheship-ledger-*",
     "cacheship-worker-alive-*",
     "cacheship-worker-seen-*",
 )

@@ -73,7 +73,7 @@ def test_quick_benchmark_prints_the_table_and_writes_every_scenario(tmp_path: Pa
     }
     # The format benchmark never talks to S3: it runs under the first condition only.
     assert numbers == {
-        "loopback": "1 2 3 4 4 5 6 6 7 8 9 9 9 9 9 9 0 0 0 10 10",
+        "loopback": "1 2 3 4 4 5 6 6 7 8 9 9 9 9 9 9 0 0 0 10 10 11 11 11 11",
         "5 ms": "1 2 3 4 4 5 7 8 9 9 9 9 9 9 0 0 0 10 10",
     }
     rows = [r for r in every if r["scenario"].endswith("[loopback]")]
