@@ -211,7 +211,7 @@ def _after_task(
             end = ledger.LayerEnd(str(layer["digest"]), int(layer["size"]), REVOKED)
             _add_late(backend, export_id, end, settings.result_expires, only_if_running=True)
         own = [task_id] if layer is not None else []
-        sweep(task, export_id, own, settings.layer_results_expires)
+        sweep(backend, export_id, own, settings.layer_results_expires)
     except Exception as exc:  # it then expires with CACHESHIP_RESULT_EXPIRES
         logger.warning("task %s: not shortened after its export ended: %s", task_id, exc)
 
@@ -235,6 +235,6 @@ def _revoked_after_end(sender: Any = None, request: Any = None, **_: Any) -> Non
             end = ledger.LayerEnd(str(layer["digest"]), int(layer["size"]), REVOKED)
             _add_late(sender.backend, export_id, end, settings.result_expires, True)
         own = [task_id] if layer is not None else []
-        sweep(sender, export_id, own, settings.layer_results_expires)
+        sweep(sender.backend, export_id, own, settings.layer_results_expires)
     except Exception as exc:
         logger.warning("task %s: not shortened after its export ended: %s", task_id, exc)
