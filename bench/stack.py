@@ -21,7 +21,7 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 
 from bench.data import BenchCache
 from bench.servers import ACCESS_KEY, SECRET_KEY
-from tasks.s3client import S3Endpoint, client_for
+from tasks.backends.s3.client import S3Endpoint, client_for
 from tests.stack import Worker, child_pids, start_worker
 from worker.client import Client
 from worker.embedded import ServerProcess

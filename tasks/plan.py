@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.backends.source import LoadedCache
 from tasks.cacheformat import (
     MAX_IMPORT_BLOB_SIZE,
     Descriptor,
@@ -21,7 +22,6 @@ from tasks.cacheformat import (
     s3_config_bytes,
 )
 from tasks.request import LocalTargetSpec, RegistrySpec, S3Spec
-from tasks.sources.common import LoadedCache
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,10 @@ class Settings(BaseSettings):
 
     def s3_client(self, spec: S3Spec) -> S3Client:
         """A client for the spec's bucket: its own endpoint and style, else these defaults."""
-        from tasks.s3client import S3Endpoint, client_for  # boto3: only when a client is made
+        from tasks.backends.s3.client import (  # boto3: only when a client is made
+            S3Endpoint,
+            client_for,
+        )
 
         return client_for(
             S3Endpoint(

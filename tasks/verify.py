@@ -26,6 +26,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from tasks.backends.local import source as local_source
+from tasks.backends.s3.client import error_code, is_not_found
+from tasks.backends.source import MAX_METADATA_BYTES, LoadedCache, SourceError
 from tasks.cacheformat import (
     MAX_IMPORT_BLOB_SIZE,
     CacheConfig,
@@ -35,9 +38,6 @@ from tasks.cacheformat import (
     parse_graph,
 )
 from tasks.request import LocalSpec, RegistrySpec, S3Spec
-from tasks.s3client import error_code, is_not_found
-from tasks.sources import local as local_source
-from tasks.sources.common import MAX_METADATA_BYTES, LoadedCache, SourceError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

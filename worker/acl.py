@@ -24,7 +24,7 @@ _COMMANDS = (
     # watching: the export's records, and the channel its states are published on
     "+get", "+mget", "+exists", "+hmget", "+subscribe", "+unsubscribe",
 )
-#: Keys: ``%W`` write only, ``%R`` read only, ``~`` both (patterns of tasks/state.py and
+#: Keys: ``%W`` write only, ``%R`` read only, ``~`` both (patterns of tasks/fleet/state.py and
 #: worker/client.py).
 _READABLE = (
     "celery-task-meta-*",

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from tasks.fleet.state import alive_key, last_seen_key, outcomes_key, plan_key
 from tasks.ledger import Ledger, derived_id, late_key, ledger_key
 from tasks.ledger import decode as decode_ledger
-from tasks.state import alive_key, last_seen_key, outcomes_key, plan_key
 from worker.internals import encode, task_message
 
 if TYPE_CHECKING:

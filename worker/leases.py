@@ -26,8 +26,8 @@ from celery import Celery
 from celery.signals import heartbeat_sent, task_received, worker_ready, worker_shutdown
 from celery.utils.log import get_logger
 
-from tasks import flight
-from tasks.state import alive_key, last_seen_key
+from tasks.fleet import flight
+from tasks.fleet.state import alive_key, last_seen_key
 from worker import internals
 from worker.app import app
 

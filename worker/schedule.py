@@ -12,7 +12,7 @@ from typing import Any
 
 from celery.schedules import crontab
 
-from tasks.prune import parse_prune_request
+from tasks.backends.s3.prune import parse_prune_request
 from tasks.request import RequestError, S3Spec, parse_go_duration, parse_spec
 from tasks.settings import Settings
 

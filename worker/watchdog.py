@@ -16,9 +16,9 @@ from typing import Any
 from celery import Celery
 from celery.utils.log import get_logger
 
-from tasks import state
 from tasks import watchdog as policy
-from tasks.flight import Lease
+from tasks.fleet import state
+from tasks.fleet.flight import Lease
 from tasks.jobs.common import OUTAGE_NAMES
 from tasks.settings import get_settings
 from worker import internals

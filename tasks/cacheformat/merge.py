@@ -22,7 +22,7 @@ nor ours is a fixed point there). Results that came with the new
 export (by record digest) are never dropped for age or count: the name always serves the
 latest build, even when that alone is over ``max_records``.
 
-Plain Python: no S3, no Redis (``tasks.names`` does the reading and writing).
+Plain Python: no S3, no Redis (``tasks.backends.s3.names`` does the reading and writing).
 """
 
 from __future__ import annotations

@@ -26,7 +26,9 @@ from celery.utils.time import get_exponential_backoff_interval
 from kombu.exceptions import OperationalError
 from redis import exceptions as redis_errors
 
-from tasks import metrics, registry, state, watchdog
+from tasks import metrics, watchdog
+from tasks.backends.local import source as local_source
+from tasks.backends.local.target import LocalTarget
 from tasks.backends.registry import source as registry_source
 from tasks.backends.registry.allow import check_registry_allowed
 from tasks.backends.registry.client import (
@@ -36,8 +38,13 @@ from tasks.backends.registry.client import (
     client_for,
 )
 from tasks.backends.registry.target import RegistryTarget
+from tasks.backends.s3 import source as s3_source
+from tasks.backends.s3.client import is_transient
+from tasks.backends.s3.target import S3Target
+from tasks.backends.source import LoadedCache, SourceError
+from tasks.backends.target import DigestMismatchError, IngestError, Target
 from tasks.cacheformat import FormatError
-from tasks.ingester import DigestMismatchError, IngestError
+from tasks.fleet import inflight, state
 from tasks.jobs import ending
 from tasks.policy import Access, check_spec
 from tasks.request import (
@@ -48,13 +55,7 @@ from tasks.request import (
     S3Spec,
     target_from_json,
 )
-from tasks.s3client import is_transient
 from tasks.settings import Settings, get_settings
-from tasks.sources import local as local_source
-from tasks.sources import s3 as s3_source
-from tasks.sources.common import LoadedCache, SourceError
-from tasks.stores.local import LocalTarget
-from tasks.targets import S3Target, Target
 from worker import internals
 
 if TYPE_CHECKING:
@@ -365,7 +366,7 @@ def _release(redis: Any, export_id: str) -> None:
     try:
         target = target_from_json(state.load_plan(redis, export_id)["target"])
         if isinstance(target, S3Spec):
-            registry.release(redis, registry.scope_of(target), export_id)
+            inflight.release(redis, inflight.scope_of(target), export_id)
     except Exception as exc:  # the registration then lapses with its TTL
         logger.warning("export %s: registration not released: %s", export_id, exc)
 

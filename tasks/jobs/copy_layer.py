@@ -15,8 +15,9 @@ from celery import Task, shared_task
 from celery.exceptions import Ignore
 from celery.states import FAILURE
 
-from tasks import metrics, state, watchdog
+from tasks import metrics, watchdog
 from tasks.cacheformat import Descriptor
+from tasks.fleet import state
 from tasks.jobs.common import (
     PATIENT,
     PERMANENT,

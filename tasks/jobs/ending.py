@@ -22,7 +22,8 @@ from celery.signals import task_postrun, task_revoked
 from celery.states import FAILURE, IGNORED, PENDING, RETRY, REVOKED, SUCCESS
 from celery.utils.log import get_task_logger
 
-from tasks import ledger, state
+from tasks import ledger
+from tasks.fleet import state
 from tasks.settings import get_settings
 
 logger = get_task_logger("tasks.jobs")

@@ -15,9 +15,11 @@ from typing import Any
 from celery import Task, chord, group, shared_task
 from celery.exceptions import Ignore
 
-from tasks import metrics, registry, state, watchdog
+from tasks import metrics, watchdog
+from tasks.backends.local import source as local_source
 from tasks.backends.registry.target import too_large
 from tasks.cacheformat import EmptyCacheError
+from tasks.fleet import inflight, state
 from tasks.jobs.common import (
     PATIENT,
     PERMANENT,
@@ -46,7 +48,6 @@ from tasks.request import (
     S3Spec,
     parse_request,
 )
-from tasks.sources import local as local_source
 
 #: HEADs in flight while looking for layers already stored (BuildKit-like, quick on S3).
 SKIP_CHECK_PARALLELISM = 16
@@ -167,8 +168,8 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
     if isinstance(req.target, S3Spec) and not redis.exists(f"cacheship-finished-{export_id}"):
         digests = [d.digest for d in plan.layers]
         digests += [plan.config_desc.digest, plan.manifest_desc.digest]
-        scope = registry.scope_of(req.target)
-        registry.register(redis, scope, export_id, digests, ttl=config.result_expires)
+        scope = inflight.scope_of(req.target)
+        inflight.register(redis, scope, export_id, digests, ttl=config.result_expires)
     # BuildKit's exporter HEADs each blob and skips those stored: so does this, for all
     # layers at once, before any task is sent. A layer already stored as it is costs a HEAD
     # and one pipelined write here instead of a task's broker round trips, states and

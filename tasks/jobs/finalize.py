@@ -12,8 +12,10 @@ from typing import Any, NoReturn
 
 from celery import Task, shared_task
 
-from tasks import registry, state, watchdog
+from tasks import watchdog
+from tasks.backends.target import IncompleteCacheError, NameWrite, NameWriteError, Target
 from tasks.cacheformat import Descriptor
+from tasks.fleet import inflight, state
 from tasks.jobs.common import (
     PATIENT,
     ExportFailed,
@@ -24,10 +26,8 @@ from tasks.jobs.common import (
     settings,
     waits_out_redis,
 )
-from tasks.names import NameWrite, NameWriteError
 from tasks.plan import ExportPlan
 from tasks.progress import PROGRESS, now_iso
-from tasks.publish import IncompleteCacheError
 from tasks.request import (
     LocalTargetSpec,
     RegistrySpec,
@@ -35,7 +35,6 @@ from tasks.request import (
     parse_request,
     target_from_json,
 )
-from tasks.targets import Target
 
 
 @shared_task(bind=True, name="cacheship.finalize", **PATIENT)
@@ -54,8 +53,8 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         """A merge keeps these stored blobs: registered like the export's own, before the
         merge looks at them, so that a prune leaves them alone (docs/prune.md)."""
         if isinstance(target, S3Spec):
-            registry.register(
-                redis, registry.scope_of(target), export_id, digests, ttl=config.result_expires
+            inflight.register(
+                redis, inflight.scope_of(target), export_id, digests, ttl=config.result_expires
             )
 
     # Waiting happens only for a name another export is merging into (merge=true).
@@ -103,8 +102,8 @@ def finalize(self: Task[Any, Any], results: list[dict[str, Any]], export_id: str
         publish("verifying", "checking every layer is stored")
         # Only layers without a recorded outcome (the store confirmed those) are checked again.
         unconfirmed = [d for d in plan.layers if d.digest not in outcomes]
-        if isinstance(target, S3Spec) and registry.deleted_since_registered(
-            redis, registry.scope_of(target), export_id
+        if isinstance(target, S3Spec) and inflight.deleted_since_registered(
+            redis, inflight.scope_of(target), export_id
         ):
             # A prune deleted meanwhile: trust the bucket, not what the layer tasks saw.
             unconfirmed = list(plan.layers)

@@ -1,7 +1,7 @@
 """The ``prune`` task: collect one S3 cache on a worker (its credentials, its allow-list).
 
-Thin: validation and the work are ``tasks.prune``; the fleet-wide safety is
-``tasks.registry`` (the prune lock of the scope, and the in-flight digests rechecked before
+Thin: validation and the work are ``tasks.backends.s3.prune``; the fleet-wide safety is
+``tasks.fleet.inflight`` (the prune lock of the scope, and the in-flight digests rechecked before
 every delete batch). Progress is PROGRESS metadata and ``task-progress`` events, like an
 export's; the result is the report (``PruneReport.to_json``). A name that cannot be read
 fails the task with the reason: nothing was deleted.
@@ -15,6 +15,8 @@ from typing import Any
 
 from celery import Task, shared_task
 
+from tasks.backends.s3.prune import PruneError, PruneProgress, parse_prune_request, prune_cache
+from tasks.fleet.inflight import RegistryError, RegistryView, acquire_prune, scope_of
 from tasks.jobs.common import (
     PERMANENT,
     ExportFailed,
@@ -26,8 +28,6 @@ from tasks.jobs.common import (
     settings,
 )
 from tasks.progress import PROGRESS, now_iso
-from tasks.prune import PruneError, PruneProgress, parse_prune_request, prune_cache
-from tasks.registry import RegistryError, RegistryView, acquire_prune, scope_of
 
 
 class PruneFailed(ExportFailed):

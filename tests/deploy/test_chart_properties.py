@@ -558,7 +558,7 @@ def test_no_prune_job_by_default(defaults: Rendered) -> None:
 
 
 def test_the_prune_job_runs_the_command_line_against_the_workers() -> None:
-    from tasks.prune import parse_prune_request
+    from tasks.backends.s3.prune import parse_prune_request
     from worker.cli.prune import build_request
 
     rendered = render(VALUE_SETS["everything"])

@@ -295,10 +295,10 @@ def written(
     env: dict[str, str], s3: Any, bucket: str, cache: SampleCache, source_root: Path
 ) -> Iterator[Exported]:
     """The cache as cacheship writes it (same planning and publishing code), no workers."""
+    from tasks.backends.local import source as local
+    from tasks.backends.s3.publish import put_blob, put_names
     from tasks.plan import plan_export
-    from tasks.publish import put_blob, put_names
     from tasks.request import LocalSpec
-    from tasks.sources import local
 
     target = S3Spec(bucket=bucket, name=["main"])
     plan = plan_export(local.load(LocalSpec(src=str(cache.path)), [source_root]), target)

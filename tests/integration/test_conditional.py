@@ -1,4 +1,4 @@
-"""Conditional writes are proven before a merge relies on them (``tasks.conditional``).
+"""Conditional writes are proven before a merge relies on them (``tasks.backends.s3.conditional``).
 
 A real S3 server (moto, which checks If-Match / If-None-Match) and the fault relay in front
 of it dropping those headers, as a store or proxy that ignores them does: the write goes
@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.conditional import conditional_support, probe
-from tasks.names import write_name
+from tasks.backends.s3.conditional import conditional_support, probe
+from tasks.backends.s3.names import write_name
 from tests.faultproxy import FaultPlan, FaultProxy
 from tests.integration.test_names import (
     BASE_KEY,

@@ -31,10 +31,10 @@ from typing import Any
 
 import pytest
 
+from tasks.backends.local import source as local_source
 from tasks.cacheformat import Descriptor
 from tasks.plan import plan_export
 from tasks.request import parse_request
-from tasks.sources import local as local_source
 from tests.faultproxy import FaultPlan, FaultProxy
 from tests.stack import Worker
 from worker.client import Client, ExportError

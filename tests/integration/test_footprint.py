@@ -21,7 +21,7 @@ import redis
 
 from bench.footprint import Footprint, bound, key_names, measure
 from tasks import ledger
-from tasks.flight import lock_key
+from tasks.fleet.flight import lock_key
 from tasks.ledger import derived_id, late_key, ledger_key
 from tests.stack import Worker
 from worker.client import Client, ExportError

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from tasks.ingester import BlobWriter, DigestMismatchError, open_uploads, stat
+from tasks.backends.s3.ingester import BlobWriter, open_uploads, stat
+from tasks.backends.target import DigestMismatchError
 
 MiB = 1024 * 1024
 

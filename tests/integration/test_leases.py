@@ -19,10 +19,10 @@ import pytest
 import redis
 from celery import Celery
 
-from tasks import flight
+from tasks.fleet import flight
+from tasks.fleet.state import alive_key
 from tasks.jobs.common import first_writer
 from tasks.settings import Settings
-from tasks.state import alive_key
 from worker import leases
 from worker.app import SOCKET_TIMEOUT, configure
 from worker.embedded import ServerProcess

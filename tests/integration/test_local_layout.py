@@ -20,14 +20,14 @@ from typing import BinaryIO
 
 import pytest
 
+from tasks.backends.local import source as local_source
+from tasks.backends.local.ingest import LocalBlobWriter, clean_ingest
+from tasks.backends.local.ociindex import put_tagged
+from tasks.backends.local.target import LocalTarget
+from tasks.backends.target import DigestMismatchError
 from tasks.cacheformat import MEDIA_TYPE_CACHE_CONFIG, Descriptor, FormatError, decode_manifest
-from tasks.ingester import DigestMismatchError
 from tasks.plan import ExportPlan, plan_export
 from tasks.request import LocalSpec, LocalTargetSpec, RequestError, parse_target
-from tasks.sources import local as local_source
-from tasks.stores.ingest import LocalBlobWriter, clean_ingest
-from tasks.stores.local import LocalTarget
-from tasks.stores.ociindex import put_tagged
 from tasks.verify import verify_local_cache
 from tests.stack import REPO
 from worker.samplecache import write_sample_cache
@@ -237,7 +237,7 @@ def test_destinations_are_confined_to_the_roots(tmp_path: Path) -> None:
 _HOLDER = """
 import sys, time
 from pathlib import Path
-from tasks.stores.ingest import LocalBlobWriter
+from tasks.backends.local.ingest import LocalBlobWriter
 writer = LocalBlobWriter(Path(sys.argv[1]), sys.argv[2], 1 << 20)
 writer.write(b"x" * 4096)
 print(writer.path, flush=True)

@@ -1,7 +1,7 @@
 """Local sources: symlinks swapped in while reading, hard links, and enormous caches.
 
 Real files and, for the enormous caches, a real worker: a request steers what the workers
-open, so what is opened is checked after opening (tasks/sources/local.py).
+open, so what is opened is checked after opening (tasks/backends/local/source.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 
+from tasks.backends.local import source as local
+from tasks.backends.source import SourceError
 from tasks.request import LocalSpec
-from tasks.sources import local
-from tasks.sources.common import SourceError
 from tests.stack import Worker
 from worker.client import Client, ExportError
 from worker.samplecache import write_sample_cache

@@ -14,20 +14,14 @@ from typing import Any
 import pytest
 import redis
 
+from tasks.backends.s3.names import PutOutcome, put_if_unchanged, read_name, write_name, write_names
+from tasks.backends.target import InvalidStoredConfigError
 from tasks.cacheformat import (
     decode_config,
     descriptors_from_annotations,
     marshal,
     parse_graph,
     s3_config_bytes,
-)
-from tasks.names import (
-    InvalidStoredConfigError,
-    PutOutcome,
-    put_if_unchanged,
-    read_name,
-    write_name,
-    write_names,
 )
 from tasks.request import S3Spec
 from tests.faultproxy import FaultPlan, FaultProxy, Request

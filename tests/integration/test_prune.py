@@ -14,7 +14,7 @@ from typing import Any
 
 from celery.result import AsyncResult
 
-from tasks.prune import parse_prune_request
+from tasks.backends.s3.prune import parse_prune_request
 from tasks.request import S3Spec
 from tasks.verify import verify_cache
 from tests.stack import REPO, Worker

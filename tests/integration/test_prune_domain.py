@@ -1,4 +1,4 @@
-"""``tasks.prune`` against a real S3 server over HTTP and a real Redis (no workers)."""
+"""``tasks.backends.s3.prune`` against a real S3 server over HTTP and a real Redis (no workers)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
+from tasks.backends.local import source as local
+from tasks.backends.s3.prune import PruneError, PruneOptions, PruneProgress, prune_cache
+from tasks.backends.s3.publish import put_blob, put_names
+from tasks.fleet.inflight import acquire_prune, register, registered, release, scope_of
 from tasks.plan import ExportPlan, plan_export
-from tasks.prune import PruneError, PruneOptions, PruneProgress, prune_cache
-from tasks.publish import put_blob, put_names
-from tasks.registry import acquire_prune, register, registered, release, scope_of
 from tasks.request import LocalSpec, S3Spec
-from tasks.sources import local
 from tasks.verify import verify_cache
 from worker.embedded import ServerProcess
 from worker.samplecache import write_sample_cache

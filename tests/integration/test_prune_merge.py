@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from tasks.names import write_name
+from tasks.backends.local import source as local
+from tasks.backends.s3.names import write_name
+from tasks.backends.s3.prune import PruneOptions, PruneProgress, prune_cache
+from tasks.fleet.inflight import acquire_prune, register, scope_of
 from tasks.plan import ExportPlan, plan_export
-from tasks.prune import PruneOptions, PruneProgress, prune_cache
-from tasks.registry import acquire_prune, register, scope_of
 from tasks.request import LocalSpec, S3Spec
-from tasks.sources import local
 from tasks.verify import verify_cache
 from tests.integration.test_prune_domain import keys
 from worker.embedded import ServerProcess

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tasks.backends.local import source as local
 from tasks.plan import plan_export
 from tasks.request import LocalSpec, S3Spec
-from tasks.sources import local
 from tasks.verify import verify_cache
 from tests.integration.test_prune import cli, keys, write_cache
 from tests.stack import Worker

@@ -176,7 +176,7 @@ def test_a_chunked_upload_resumes_where_the_registry_stands_or_restarts(
 
 
 def test_wrong_bytes_are_refused_by_the_registry_and_nothing_is_stored(anon: Registry) -> None:
-    from tasks.ingester import DigestMismatchError
+    from tasks.backends.target import DigestMismatchError
 
     c = client(anon.host)
     data, desc = blob(50_000, 7)

@@ -17,7 +17,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from tasks.ingester import BlobWriter, open_uploads
+from tasks.backends.s3.ingester import BlobWriter, open_uploads
 from tests.faultproxy import FaultPlan, FaultProxy
 from tests.integration.test_ingester import MiB, _digest, _feed
 from tests.stack import ACCESS_KEY, SECRET_KEY, s3_client

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from tasks.state import plan_key
+from tasks.fleet.state import plan_key
 from tests.faultproxy import FaultPlan, FaultProxy
 from tests.integration.test_export import assert_sound_cache
 from tests.integration.test_faults import (

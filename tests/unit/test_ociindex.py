@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from tasks.backends.local.ociindex import encode_index, insert_tagged, read_index
 from tasks.cacheformat import Descriptor, FormatError
-from tasks.stores.ociindex import encode_index, insert_tagged, read_index
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 D1 = "sha256:" + "1" * 64

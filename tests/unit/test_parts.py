@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks.ingester import MAX_PARTS, MiB, part_size_for
+from tasks.backends.s3.ingester import MAX_PARTS, MiB, part_size_for
 
 
 @given(size=st.integers(min_value=0, max_value=5 * 1024**4), minimum=st.sampled_from([5, 8, 16]))

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.cacheformat import decode_config
-from tasks.plan import plan_export
-from tasks.prune import (
+from tasks.backends.local import source as local
+from tasks.backends.s3.prune import (
     PruneError,
     _server_now,
     check_globs,
@@ -16,9 +15,10 @@ from tasks.prune import (
     is_kept_name,
     name_references,
 )
-from tasks.registry import _keys, scope_of
+from tasks.cacheformat import decode_config
+from tasks.fleet.inflight import _keys, scope_of
+from tasks.plan import plan_export
 from tasks.request import LocalSpec, S3Spec, parse_go_duration
-from tasks.sources import local
 from worker.samplecache import write_sample_cache
 
 

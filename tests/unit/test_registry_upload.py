@@ -13,8 +13,8 @@ import pytest
 from tasks.backends.registry.client import error_code, retry_after
 from tasks.backends.registry.target import CacheTooLargeError, check_import_limits, too_large
 from tasks.backends.registry.upload import pieces, skip
+from tasks.backends.target import DigestMismatchError
 from tasks.cacheformat import Descriptor
-from tasks.ingester import DigestMismatchError
 
 MiB = 1024 * 1024
 

@@ -7,7 +7,7 @@ import io
 import pytest
 from botocore.exceptions import IncompleteReadError
 
-from tasks.sources.s3 import ResumingBody
+from tasks.backends.s3.source import ResumingBody
 
 DATA = bytes(range(256)) * 40
 

@@ -1,4 +1,4 @@
-"""What counts as a cache name when prune looks at a whole bucket (``tasks.roots``)."""
+"""What counts as a cache name when prune looks at a whole bucket (``tasks.backends.s3.roots``)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from tasks.backends.local import source as local
+from tasks.backends.s3.roots import NotAName, classify, is_blob_key
 from tasks.cacheformat import FormatError
 from tasks.plan import ExportPlan, plan_export
 from tasks.request import LocalSpec, S3Spec
-from tasks.roots import NotAName, classify, is_blob_key
-from tasks.sources import local
 from worker.samplecache import write_sample_cache
 
 

@@ -75,9 +75,9 @@ def check_local_source(
 
     if not isinstance(spec, LocalSpec):
         return
+    from tasks.backends.local import dirs as localdir
+    from tasks.backends.source import SourceError
     from tasks.envlist import env_paths
-    from tasks.sources import localdir
-    from tasks.sources.common import SourceError
 
     roots = env_paths("CACHESHIP_SOURCE_ROOTS")  # what Settings reads, without building it
     try:

@@ -45,8 +45,8 @@ def build_request(
     dry_run: bool,
 ) -> dict[str, Any]:
     """The prune message, validated; errors exit with 2 and name the option."""
+    from tasks.backends.s3.prune import parse_prune_request
     from tasks.policy import check_spec, policy_from_env
-    from tasks.prune import parse_prune_request
     from tasks.request import RequestError, S3Spec
 
     spec = parse_option_spec(cache, "--cache", "cache")

@@ -24,6 +24,8 @@ from tasks.backends.registry.client import (
     RegistryNotFoundError,
 )
 from tasks.backends.registry.upload import push_bytes
+from tasks.backends.source import MAX_METADATA_BYTES
+from tasks.backends.target import InvalidStoredConfigError, NameWrite, now_go
 from tasks.cacheformat import (
     Descriptor,
     FormatError,
@@ -44,11 +46,9 @@ from tasks.cacheformat.merge import (
     read_stored,
     stored_blobs,
 )
-from tasks.flight import single_flight
-from tasks.names import InvalidStoredConfigError, NameWrite, now_go
+from tasks.fleet.flight import single_flight
 from tasks.plan import ExportPlan
 from tasks.request import RegistrySpec
-from tasks.sources.common import MAX_METADATA_BYTES
 
 
 def lock_name(spec: RegistrySpec) -> str:

@@ -21,15 +21,15 @@ from tasks.backends.registry.client import (
     RegistryNotFoundError,
     TransientRegistryError,
 )
-from tasks.cacheformat import Descriptor, FormatError, decode_config, decode_manifest, sha256_digest
-from tasks.request import RegistrySpec
-from tasks.sources.common import (
+from tasks.backends.source import (
     MAX_METADATA_BYTES,
     LoadedCache,
     MissingBlobError,
     SourceError,
     check_layer_count,
 )
+from tasks.cacheformat import Descriptor, FormatError, decode_config, decode_manifest, sha256_digest
+from tasks.request import RegistrySpec
 
 #: Times a blob's read picks up again (ranged GET) after its connection broke.
 RESUMES = 5

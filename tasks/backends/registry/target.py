@@ -27,10 +27,9 @@ from tasks.backends.registry.upload import (
     upload_chunked,
     upload_whole,
 )
+from tasks.backends.target import CopyOutcome, NameWrite, NameWriteError
 from tasks.cacheformat import MAX_IMPORT_BLOB_SIZE, MEDIA_TYPE_CACHE_CONFIG, Descriptor
-from tasks.copy import CopyOutcome
-from tasks.flight import STORED_MARK_SECONDS, lock_key, single_flight, stored_mark
-from tasks.names import NameWrite, NameWriteError
+from tasks.fleet.flight import STORED_MARK_SECONDS, lock_key, single_flight, stored_mark
 from tasks.plan import ExportPlan
 from tasks.request import RegistrySpec
 

@@ -23,9 +23,8 @@ from tasks.backends.registry.client import (
     RegistryClient,
     TransientRegistryError,
 )
+from tasks.backends.target import CopyOutcome, DigestMismatchError
 from tasks.cacheformat import Descriptor
-from tasks.copy import CopyOutcome
-from tasks.ingester import DigestMismatchError
 
 PIECE: Final = 1024 * 1024
 #: Upload sessions are remembered this long (distribution purges its own after a week).

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tasks.backends.registry.client import RegistryClient, RegistryError
 from tasks.backends.registry.source import BlobStream
+from tasks.backends.source import MAX_METADATA_BYTES
 from tasks.cacheformat import (
     MAX_IMPORT_BLOB_SIZE,
     FormatError,
@@ -23,7 +24,6 @@ from tasks.cacheformat import (
     sha256_digest,
 )
 from tasks.request import RegistrySpec
-from tasks.sources.common import MAX_METADATA_BYTES
 from tasks.verify import BlobCheck, NameReport, Problem, VerifyReport
 
 CHUNK = 1024 * 1024

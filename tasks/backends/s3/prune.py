@@ -2,11 +2,11 @@
 
 BuildKit's S3 exporter never deletes; lifecycle rules delete by age and break live names.
 Here a blob goes only when no name references it, it is older than the grace period, and no
-in-flight export has announced it (``tasks.registry``, rechecked right before every delete
+in-flight export has announced it (``tasks.fleet.inflight``, rechecked right before every delete
 batch). One unreadable name stops everything: its blobs would look unreferenced.
 
 The names are every cache name in the bucket, under any prefix and by any writer
-(``tasks.roots``): caches that share one blobs prefix under different manifests prefixes
+(``tasks.backends.s3.roots``): caches that share one blobs prefix under different manifests prefixes
 keep each other's blobs. What a config name references: every layer blob of its config,
 and the two small blobs cacheship writes beside the layers for it: the config blob (the
 name's config without the layer annotations, normalised) and the manifest blob,
@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from tasks.backends.s3.client import error_code, is_not_found
+from tasks.backends.s3.roots import DIGEST, Gone, config_references, is_blob_key, read_root
 from tasks.cacheformat import FormatError
 from tasks.request import RequestError, S3Spec, error_message, parse_go_duration
-from tasks.roots import DIGEST, Gone, config_references, is_blob_key, read_root
-from tasks.s3client import error_code, is_not_found
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -118,7 +118,7 @@ class PruneProgress:
 
 
 class DeleteGuard(Protocol):
-    """What a prune asks the fleet before deleting (``tasks.registry.PruneLock``)."""
+    """What a prune asks the fleet before deleting (``tasks.fleet.inflight.PruneLock``)."""
 
     def protected(self) -> set[str]: ...
     def delete_batch(self) -> AbstractContextManager[set[str]]: ...
@@ -247,7 +247,7 @@ def is_kept_name(name: str, globs: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, glob) for glob in globs)
 
 
-#: Kept under its old name: what a cache config name references (``tasks.roots``).
+#: Kept under its old name: what a cache config name references (``tasks.backends.s3.roots``).
 name_references = config_references
 
 
@@ -344,7 +344,7 @@ def prune_cache(
     report = PruneReport(bucket, spec.prefix, options.dry_run, options.grace)
 
     # One listing of the whole bucket: the roots are every cache name in it, under any
-    # prefix (tasks.roots); the blobs are what lies under the collected blobs prefix.
+    # prefix (tasks.backends.s3.roots); the blobs are what lies under the collected blobs prefix.
     on_progress(PruneProgress("listing the bucket"))
     everything, now = list_objects(client, bucket, "")
     blobs = [o for o in everything if o.key.startswith(blobs_prefix)]

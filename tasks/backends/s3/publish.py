@@ -10,16 +10,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Literal
 
+from tasks.backends.s3.ingester import stat
 from tasks.cacheformat import Descriptor
-from tasks.ingester import stat
 from tasks.request import S3Spec
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-
-
-class IncompleteCacheError(Exception):
-    """A planned layer is not in the bucket: the names are not written."""
 
 
 def missing_blobs(

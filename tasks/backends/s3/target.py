@@ -1,71 +1,25 @@
-"""Where an export writes: one small interface per target, as BuildKit's exporters have.
-
-The tasks only ever talk to a ``Target``: copy a layer into it, tell which layers it lacks,
-store a small blob, write the names. ``S3Target`` is BuildKit's S3 cache layout; other
-stores (a local OCI layout) implement the same five calls.
-"""
+"""BuildKit's S3 cache layout as a ``Target`` (:mod:`tasks.backends.target`), one writer per blob
+across the fleet."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
+from tasks.backends.s3.copy import copy_blob, fresh
+from tasks.backends.s3.ingester import open_uploads, stat
+from tasks.backends.s3.names import write_names
+from tasks.backends.s3.publish import missing_blobs, put_blob
+from tasks.backends.target import CopyOutcome, NameWrite, OpenSource
 from tasks.cacheformat import Descriptor
-from tasks.copy import CopyOutcome, copy_blob, fresh
-from tasks.flight import STORED_MARK_SECONDS, lock_key, single_flight, stored_mark
-from tasks.ingester import open_uploads, stat
-from tasks.names import NameWrite, write_names
+from tasks.fleet.flight import STORED_MARK_SECONDS, lock_key, single_flight, stored_mark
 from tasks.plan import ExportPlan
-from tasks.publish import missing_blobs, put_blob
 from tasks.request import S3Spec
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-
-OpenSource = Callable[[], AbstractContextManager[BinaryIO]]
-
-
-class Target(Protocol):
-    """The ingester role of an export: blobs in, then names that reference them."""
-
-    def copy_layer(
-        self,
-        layer: Descriptor,
-        open_source: OpenSource,
-        progress: Callable[[int], None],
-        known_absent: bool = False,
-    ) -> CopyOutcome:
-        """Make the target hold ``layer`` byte for byte; safe to run any number of times.
-
-        ``known_absent``: a HEAD just found no blob (``survey``); do not ask again.
-        """
-        ...
-
-    def missing(self, layers: Sequence[Descriptor]) -> list[str]:
-        """Digests of ``layers`` the target lacks (absent, or of the wrong size)."""
-        ...
-
-    def survey(self, layers: Sequence[Descriptor], parallelism: int = 16) -> dict[str, bool]:
-        """Digest -> True when stored as it is (nothing to do), False when absent."""
-        ...
-
-    def put_blob(self, desc: Descriptor, data: bytes) -> None:
-        """Store a small blob (config, manifest) under its digest."""
-        ...
-
-    def write_names(
-        self, plan: ExportPlan, on_name: Callable[[NameWrite], None] = lambda write: None
-    ) -> list[NameWrite]:
-        """Point the cache's names at the plan (overwrite, or merge into what they hold);
-        called only once every blob is stored."""
-        ...
-
-    def abandon(self, digest: str) -> None:
-        """Leave nothing half-written for ``digest`` (the layer will not be retried)."""
-        ...
 
 
 class S3Target:

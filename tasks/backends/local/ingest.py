@@ -25,9 +25,9 @@ import uuid
 from pathlib import Path
 from typing import Final
 
+from tasks.backends.local.ociindex import fsync_dir
+from tasks.backends.target import DigestMismatchError
 from tasks.cacheformat import check_digest
-from tasks.ingester import DigestMismatchError
-from tasks.stores.ociindex import fsync_dir
 
 INGEST_DIR: Final = "ingest"
 _PREFIX: Final = "cacheship-"

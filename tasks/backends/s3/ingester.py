@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from tasks.s3client import error_code, is_not_found
+from tasks.backends.s3.client import error_code, is_not_found
+from tasks.backends.target import DigestMismatchError, IngestError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -40,14 +41,6 @@ MiB = 1024 * 1024
 MAX_PARTS = 10_000
 MAX_SINGLE_COPY = 5 * 1024 * MiB
 COPY_PART = 512 * MiB
-
-
-class IngestError(Exception):
-    """A blob could not be stored; the message names the digest."""
-
-
-class DigestMismatchError(IngestError):
-    """The bytes were not the ones the descriptor promised: permanent, never retried."""
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ name at the same moment must not lose either export, so every merge is guarded t
   read (another fleet sharing the bucket, a lock that expired, BuildKit itself).
 
 Conditions are used only where a probe showed the store checks them
-(:mod:`tasks.conditional`); elsewhere (a store or proxy that drops the headers, or refuses
-them) the merge runs under the fleet lock only and its result says so. A lost race (412
+(:mod:`tasks.backends.s3.conditional`); elsewhere (a store or proxy that drops the headers, or
+refuses them) the merge runs under the fleet lock only and its result says so. A lost race (412
 Precondition Failed, or 409 ConditionalRequestConflict) merges again from the new
 contents. A store answering the conditional header with 501 NotImplemented (or 400 naming
 the header) gets an unconditional PUT under the lock. A writer that takes no
@@ -26,27 +26,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from botocore.exceptions import ClientError
 
+from tasks.backends.s3.client import is_not_found
+from tasks.backends.s3.conditional import PutOutcome, conditional_support, put_if_unchanged
+from tasks.backends.s3.publish import missing_blobs
+from tasks.backends.target import InvalidStoredConfigError, NameWrite, NameWriteError, now_go
 from tasks.cacheformat import FormatError, GoTime, decode_config
 from tasks.cacheformat.merge import (
     DEFAULT_MAX_RECORDS,
-    MergeCounts,
     MergeLimits,
     merge_configs,
     read_stored,
     stored_blobs,
 )
-from tasks.conditional import PutOutcome, conditional_support, put_if_unchanged
-from tasks.flight import single_flight
-from tasks.publish import missing_blobs
+from tasks.fleet.flight import single_flight
 from tasks.request import S3Spec
-from tasks.s3client import is_not_found
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -60,50 +58,8 @@ class LockingRedis(Protocol):
     def register_script(self, script: str) -> Any: ...
 
 
-class NameWriteError(Exception):
-    """A name could not be written; the message names it."""
-
-
-class InvalidStoredConfigError(NameWriteError):
-    """The name holds something that is not a cache config BuildKit could read."""
-
-
 class NameBusyError(NameWriteError):
     """The lock or the store kept refusing: the name is left as the last writer left it."""
-
-
-@dataclass(frozen=True)
-class NameWrite:
-    """What happened to one name."""
-
-    name: str
-    key: str
-    merged: bool
-    counts: MergeCounts | None = None
-    conditional: bool = False  # whether the store checked the condition
-    attempts: int = 1
-    replaced_invalid: bool = False
-    note: str = ""  # why the write was not conditional, when the store does not check
-
-    @property
-    def guard(self) -> str:
-        """What kept concurrent merges from losing each other's records."""
-        return "fleet lock and conditional write" if self.conditional else "fleet lock only"
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "key": self.key, "merged": self.merged}
-        if self.merged:
-            out.update(
-                conditional=self.conditional,
-                guard=self.guard,
-                attempts=self.attempts,
-                replaced_invalid=self.replaced_invalid,
-            )
-            if self.note:
-                out["note"] = self.note
-            if self.counts is not None:
-                out.update(self.counts.to_json())
-        return out
 
 
 def lock_name(client: S3Client, target: S3Spec, name: str) -> str:
@@ -123,12 +79,6 @@ def read_name(client: S3Client, bucket: str, key: str) -> tuple[bytes, str] | No
     return answer["Body"].read(), answer["ETag"]
 
 
-def now_go() -> GoTime:
-    """The wall clock as a Go time (what ``max_age`` counts back from)."""
-    ns = time.time_ns()
-    return GoTime(ns // 1_000_000_000, ns % 1_000_000_000)
-
-
 def write_name(
     client: S3Client,
     redis: LockingRedis,
@@ -145,7 +95,7 @@ def write_name(
 ) -> NameWrite:
     """Merge ``s3_config`` (the new export, S3 form) into the name, safely under concurrency.
 
-    The lock is the fleet's lease (:func:`tasks.flight.single_flight`): renewed while held,
+    The lock is the fleet's lease (:func:`tasks.fleet.flight.single_flight`): renewed while held,
     lapsing seconds after a holder dies. ``conditional=False`` never sends conditions (for
     stores known to mishandle them). ``on_pull(digests)`` gets the stored blobs the merge
     may keep, before they are looked at and before the name is written: the export

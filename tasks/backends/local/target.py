@@ -4,8 +4,8 @@ What BuildKit's local cache exporter leaves in ``DIR`` after an export, this tar
 too, byte for byte: ``blobs/sha256/<hex>`` for every layer, the cache config and the cache
 manifest (read-only, as containerd's store commits them), ``oci-layout``, ``index.json``
 listing the manifest under its tag, and an empty ``ingest/``. Blobs go through
-:mod:`tasks.stores.ingest` (checked, then renamed into place); ``index.json`` is written
-last (:mod:`tasks.stores.ociindex`), so a reader sees the previous cache or the new
+:mod:`tasks.backends.local.ingest` (checked, then renamed into place); ``index.json`` is written
+last (:mod:`tasks.backends.local.ociindex`), so a reader sees the previous cache or the new
 one, never a half-written one.
 
 Workers write only under the configured destination roots (``CACHESHIP_DEST_ROOTS``),
@@ -20,19 +20,18 @@ from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
-from tasks.cacheformat import Descriptor
-from tasks.copy import CopyOutcome
-from tasks.names import NameWrite
-from tasks.plan import ExportPlan
-from tasks.request import LocalTargetSpec, RequestError
-from tasks.stores.ingest import (
+from tasks.backends.local.ingest import (
     INGEST_DIR,
     LocalBlobWriter,
     clean_ingest,
     present,
     put_bytes,
 )
-from tasks.stores.ociindex import INDEX_FILE, put_tagged
+from tasks.backends.local.ociindex import INDEX_FILE, put_tagged
+from tasks.backends.target import CopyOutcome, NameWrite
+from tasks.cacheformat import Descriptor
+from tasks.plan import ExportPlan
+from tasks.request import LocalTargetSpec, RequestError
 
 CHUNK = 1024 * 1024
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from tasks import registry
-from tasks.registry import (
+from tasks.fleet import inflight
+from tasks.fleet.inflight import (
     PruneBusyError,
     PruneLockLostError,
     RegistryError,
@@ -141,7 +141,7 @@ def test_register_waits_for_a_running_batch(redis: Any) -> None:
 
 
 def test_register_gives_up_on_a_batch_that_never_ends(redis: Any) -> None:
-    keys = registry._keys(SCOPE)
+    keys = inflight._keys(SCOPE)
     redis.set(keys["batch"], "someone:1", px=60_000)
     with pytest.raises(RegistryError, match="running for over"):
         register(redis, SCOPE, "e", [digest(1)], ttl=600, wait=0.3)

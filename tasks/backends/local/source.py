@@ -17,6 +17,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from tasks.backends.local.dirs import inside as _inside
+from tasks.backends.local.dirs import resolve_source_dir
+from tasks.backends.source import (
+    MAX_METADATA_BYTES,
+    LoadedCache,
+    MissingBlobError,
+    SourceError,
+    check_layer_count,
+)
 from tasks.cacheformat import (
     Descriptor,
     FormatError,
@@ -26,15 +35,6 @@ from tasks.cacheformat import (
     sha256_digest,
 )
 from tasks.request import LocalSpec
-from tasks.sources.common import (
-    MAX_METADATA_BYTES,
-    LoadedCache,
-    MissingBlobError,
-    SourceError,
-    check_layer_count,
-)
-from tasks.sources.localdir import inside as _inside
-from tasks.sources.localdir import resolve_source_dir
 
 REF_NAME = "org.opencontainers.image.ref.name"
 

@@ -1,6 +1,6 @@
 """Where a local cache may be read, and whether a directory looks like one.
 
-Kept apart from the reader (``tasks.sources.local``), which needs the cache format codec:
+Kept apart from the reader (``tasks.backends.local.source``), which needs the cache format codec:
 ``cacheship export`` checks a source directory before enqueueing, and pays only for these
 few path checks, not for importing the codec.
 """
@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from tasks.sources.common import SourceError
+from tasks.backends.source import SourceError
 
 ROOTS_SETTING = "CACHESHIP_SOURCE_ROOTS"
 

@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from botocore.exceptions import ClientError
 
-from tasks.cacheformat import FormatError, decode_config, descriptors_from_annotations
-from tasks.request import S3Spec
-from tasks.s3client import is_not_found, is_transient
-from tasks.sources.common import (
+from tasks.backends.s3.client import is_not_found, is_transient
+from tasks.backends.source import (
     MAX_METADATA_BYTES,
     LoadedCache,
     MissingBlobError,
     SourceError,
     check_layer_count,
 )
+from tasks.cacheformat import FormatError, decode_config, descriptors_from_annotations
+from tasks.request import S3Spec
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Final
 
 from botocore.exceptions import ClientError
 
+from tasks.backends.s3.client import error_code, is_not_found
+from tasks.backends.source import MAX_METADATA_BYTES
 from tasks.cacheformat import (
     MEDIA_TYPE_CACHE_CONFIG,
     CacheConfig,
@@ -44,8 +46,6 @@ from tasks.cacheformat import (
     manifest_bytes,
 )
 from tasks.cacheformat.mediatypes import DOCKER_MANIFEST, OCI_MANIFEST
-from tasks.s3client import error_code, is_not_found
-from tasks.sources.common import MAX_METADATA_BYTES
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

@@ -8,30 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, BinaryIO, Literal
 
+from tasks.backends.s3.ingester import BlobInfo, BlobWriter, stat, touch
+from tasks.backends.target import CopyOutcome, DigestMismatchError
 from tasks.cacheformat import Descriptor
-from tasks.ingester import BlobInfo, BlobWriter, DigestMismatchError, stat, touch
 from tasks.request import S3Spec
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
 CHUNK = 1024 * 1024
-Action = Literal["uploaded", "skipped", "touched", "mounted"]
-
-
-@dataclass(frozen=True)
-class CopyOutcome:
-    """What happened to one blob; ``bytes_sent`` excludes parts resumed from a previous try."""
-
-    digest: str
-    size: int
-    action: Action
-    bytes_sent: int = 0
-    bytes_resumed: int = 0
 
 
 def _read(stream: BinaryIO, size: int) -> bytes | bytearray:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from botocore.exceptions import ClientError
 
-from tasks.s3client import error_code, is_not_found
+from tasks.backends.s3.client import error_code, is_not_found
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
