@@ -231,18 +231,27 @@ def test_a_poll_costs_the_same_round_trips_whatever_the_number_of_finished_layer
     client.wait(export_id, timeout=300)
     conn = redis.Redis.from_url(redis_server.url)
     watcher = Client(redis_server.url)
-    before = _calls(conn)
-    first = watcher.snapshot(export_id)
-    middle = _calls(conn)
-    second = watcher.snapshot(export_id)
-    after = _calls(conn)
+    watcher.snapshot(export_id)  # connected
+    # The counts are the server's: the workers' own traffic (the export's last writes, lease
+    # renewals) may fall into a window. A window with any command the snapshot does not send
+    # is measured again; the snapshot's own GETs count in every window.
+    for _ in range(10):
+        before = _calls(conn)
+        first = watcher.snapshot(export_id)
+        middle = _calls(conn)
+        second = watcher.snapshot(export_id)
+        after = _calls(conn)
+        grew = {k: middle.get(k, 0) - before.get(k, 0) for k in middle}
+        grew = {k: v for k, v in grew.items() if v and k != "info"}
+        again = {k: after.get(k, 0) - middle.get(k, 0) for k in after}
+        again = {k: v for k, v in again.items() if v and k != "info"}
+        if set(grew) <= {"get", "mget", "hmget"} and set(again) <= {"get", "mget", "hmget"}:
+            break
+        time.sleep(1)
     assert [s.state for s in first.steps] == [s.state for s in second.steps]
     assert sum(1 for s in second.steps if s.status == "uploaded") == 60
-    grew = {k: middle.get(k, 0) - before.get(k, 0) for k in middle}
     # the export has ended: its state, submission, ledger and late ledger in one round trip,
     # and no layer's own result is read (the ledger says what each did)
     assert not grew.get("mget") and not grew.get("hmget"), grew
-    assert grew.get("get") == 4, {k: v for k, v in grew.items() if v}
-    again = {k: after.get(k, 0) - middle.get(k, 0) for k in after}
-    again = {k: v for k, v in again.items() if v and k != "info"}
+    assert grew == {"get": 4}, grew
     assert again == {"get": 4}, again
