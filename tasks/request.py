@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
@@ -102,6 +103,30 @@ def _age_value(value: Any) -> Any:
             raise ValueError(f"{value!r} is not an age like 14d, 36h or 1d12h")
         return int(days or 0) * 86400.0 + (parse_go_duration(rest) if rest else 0.0)
     return value
+
+
+#: cacheship's ``merge``: buildx's spellings of true/false, or replace-invalid.
+MergeMode = Annotated[
+    Literal["false", "true", "replace-invalid"],
+    BeforeValidator(_merge_value),
+    WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": ["false", "true", _REPLACE]}]}),
+]
+
+#: cacheship's ``max_age``: seconds, or an age like 14d.
+MaxAge = Annotated[
+    float | None,
+    BeforeValidator(_age_value),
+    WithJsonSchema(
+        {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "string"}, {"type": "null"}]}
+    ),
+]
+
+
+def _check_merge_bounds(spec: Any) -> None:
+    """``max_records`` and ``max_age`` bound a merge: without one they mean nothing."""
+    for bound in ("max_records", "max_age"):
+        if getattr(spec, bound) is not None and spec.merge == "false":
+            raise ValueError(f"{bound} only applies with merge=true")
 
 
 class _Spec(BaseModel):
@@ -237,10 +262,7 @@ class S3Spec(_BuildxTarget):
         ge=1,
         description="Attempts per S3 request, the first included (worker default).",
     )
-    merge: Annotated[
-        Literal["false", "true", "replace-invalid"],
-        WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": ["false", "true", _REPLACE]}]}),
-    ] = Field(
+    merge: MergeMode = Field(
         default="false",
         description="cacheship: merge into what each name holds instead of overwriting it; "
         "replace-invalid also overwrites a name that holds no valid config.",
@@ -248,18 +270,7 @@ class S3Spec(_BuildxTarget):
     max_records: int | None = Field(
         default=None, ge=1, description="cacheship, with merge: records a name keeps (20000)."
     )
-    max_age: Annotated[
-        float | None,
-        WithJsonSchema(
-            {
-                "anyOf": [
-                    {"type": "number", "exclusiveMinimum": 0},
-                    {"type": "string"},
-                    {"type": "null"},
-                ]
-            }
-        ),
-    ] = Field(
+    max_age: MaxAge = Field(
         default=None,
         gt=0,
         description="cacheship, with merge: seconds (or 14d, 336h) after which stored results go.",
@@ -318,23 +329,11 @@ class S3Spec(_BuildxTarget):
     def _duration(cls, value: Any) -> Any:
         return parse_go_duration(value) if isinstance(value, str) else value
 
-    @field_validator("merge", mode="before")
-    @classmethod
-    def _merge(cls, value: Any) -> Any:
-        return _merge_value(value)
-
-    @field_validator("max_age", mode="before")
-    @classmethod
-    def _age(cls, value: Any) -> Any:
-        return _age_value(value)
-
     @model_validator(mode="after")
     def _image_manifest_needs_oci(self) -> S3Spec:
         if self.image_manifest and not self.oci_mediatypes:
             raise ValueError("image-manifest=true needs oci-mediatypes=true")
-        for bound in ("max_records", "max_age"):
-            if getattr(self, bound) is not None and self.merge == "false":
-                raise ValueError(f"{bound} only applies with merge=true")
+        _check_merge_bounds(self)
         return self
 
     @property
@@ -462,10 +461,7 @@ class RegistrySpec(_BuildxTarget):
         alias="registry.insecure",
         description="Reach the registry over plain HTTP (and its token realm too).",
     )
-    merge: Annotated[
-        Literal["false", "true", "replace-invalid"],
-        WithJsonSchema({"anyOf": [{"type": "boolean"}, {"enum": ["false", "true", _REPLACE]}]}),
-    ] = Field(
+    merge: MergeMode = Field(
         default="false",
         description="cacheship: merge into the cache the tag holds instead of replacing it "
         "(under the fleet's lock: registries have no conditional writes).",
@@ -473,18 +469,7 @@ class RegistrySpec(_BuildxTarget):
     max_records: int | None = Field(
         default=None, ge=1, description="cacheship, with merge: records the tag keeps (20000)."
     )
-    max_age: Annotated[
-        float | None,
-        WithJsonSchema(
-            {
-                "anyOf": [
-                    {"type": "number", "exclusiveMinimum": 0},
-                    {"type": "string"},
-                    {"type": "null"},
-                ]
-            }
-        ),
-    ] = Field(
+    max_age: MaxAge = Field(
         default=None,
         gt=0,
         description="cacheship, with merge: seconds (or 14d, 336h) after which stored results go.",
@@ -516,25 +501,13 @@ class RegistrySpec(_BuildxTarget):
             raise ValueError(str(exc)) from None
         return value.strip()
 
-    @field_validator("merge", mode="before")
-    @classmethod
-    def _merge(cls, value: Any) -> Any:
-        return _merge_value(value)
-
-    @field_validator("max_age", mode="before")
-    @classmethod
-    def _age(cls, value: Any) -> Any:
-        return _age_value(value)
-
     @model_validator(mode="after")
     def _checks(self) -> RegistrySpec:
         if self.image_manifest and not self.oci_mediatypes:
             raise ValueError(
                 "image-manifest=true needs oci-mediatypes=true (BuildKit refuses it too)"
             )
-        for bound in ("max_records", "max_age"):
-            if getattr(self, bound) is not None and self.merge == "false":
-                raise ValueError(f"{bound} only applies with merge=true")
+        _check_merge_bounds(self)
         return self
 
     @property
