@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from worker.embedded import LOOPBACK
@@ -67,6 +68,13 @@ async def _pipe(
             sender.cancel()
 
 
+def _quiet_on_shutdown(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Connections still open when the relay stops are cancelled: not worth a traceback."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
+
+
 async def _serve(rtt: float, target_host: str, target_port: int, port: int) -> None:
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         try:
@@ -84,6 +92,8 @@ async def _serve(rtt: float, target_host: str, target_port: int, port: int) -> N
                 with contextlib.suppress(Exception):
                     w.close()
 
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_quiet_on_shutdown)
     server = await asyncio.start_server(handle, LOOPBACK, port, backlog=1024)
     bound = server.sockets[0].getsockname()[1]
     stop = asyncio.Event()
