@@ -29,15 +29,8 @@ from redis import exceptions as redis_errors
 from tasks import metrics, watchdog
 from tasks.backends.local import source as local_source
 from tasks.backends.local.target import LocalTarget
-from tasks.backends.registry import source as registry_source
 from tasks.backends.registry.allow import check_registry_allowed
-from tasks.backends.registry.client import (
-    PermanentRegistryError,
-    RegistryClient,
-    TransientRegistryError,
-    client_for,
-)
-from tasks.backends.registry.target import RegistryTarget
+from tasks.backends.registry.errors import PermanentRegistryError, TransientRegistryError
 from tasks.backends.s3 import source as s3_source
 from tasks.backends.s3.client import is_transient
 from tasks.backends.s3.target import S3Target
@@ -60,6 +53,8 @@ from worker import internals
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+    from tasks.backends.registry.client import RegistryClient
 
 logger = get_task_logger("tasks.jobs")
 
@@ -160,7 +155,12 @@ def s3_client(spec: S3Spec, config: Settings, role: str, access: Access) -> S3Cl
 
 
 def registry_client(spec: RegistrySpec, config: Settings, role: str) -> RegistryClient:
-    """A client for the spec's registry, refused unless the operator listed it."""
+    """A client for the spec's registry, refused unless the operator listed it.
+
+    The registry modules are imported here, on first use: their HTTP library would cost
+    every worker process memory (tasks/backends/registry/errors.py)."""
+    from tasks.backends.registry.client import client_for
+
     check_registry_allowed(spec.reference, config.allowed_registries, role)
     return client_for(spec.reference.endpoint_host, spec.registry_insecure)
 
@@ -169,6 +169,8 @@ def load_source(source: LocalSpec | S3Spec | RegistrySpec, config: Settings) -> 
     if isinstance(source, LocalSpec):
         return local_source.load(source, config.source_roots, max_layers=config.max_layers)
     if isinstance(source, RegistrySpec):
+        from tasks.backends.registry import source as registry_source
+
         return registry_source.load(
             source, registry_client(source, config, "source"), max_layers=config.max_layers
         )
@@ -184,6 +186,8 @@ def open_blob(
     if isinstance(source, LocalSpec):
         stream = local_source.open_blob(source, config.source_roots, digest)
     elif isinstance(source, RegistrySpec):
+        from tasks.backends.registry import source as registry_source
+
         stream = registry_source.open_blob(
             source, registry_client(source, config, "source"), digest
         )
@@ -214,6 +218,8 @@ def open_target(
     if isinstance(spec, LocalTargetSpec):
         return LocalTarget(spec, config.dest_roots)
     if isinstance(spec, RegistrySpec):
+        from tasks.backends.registry.target import RegistryTarget
+
         mount_from = None
         if (
             isinstance(source, RegistrySpec)

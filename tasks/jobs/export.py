@@ -17,7 +17,7 @@ from celery.exceptions import Ignore
 
 from tasks import metrics, watchdog
 from tasks.backends.local import source as local_source
-from tasks.backends.registry.target import too_large
+from tasks.backends.registry.errors import too_large
 from tasks.cacheformat import EmptyCacheError
 from tasks.fleet import inflight, state
 from tasks.jobs.common import (

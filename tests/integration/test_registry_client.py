@@ -18,10 +18,9 @@ from typing import Any, BinaryIO
 import pytest
 
 from tasks.backends.registry import auth
-from tasks.backends.registry.client import (
-    MANIFEST_ACCEPT,
+from tasks.backends.registry.client import MANIFEST_ACCEPT, RegistryClient
+from tasks.backends.registry.errors import (
     RegistryAuthError,
-    RegistryClient,
     RegistryNotFoundError,
     TransientRegistryError,
 )

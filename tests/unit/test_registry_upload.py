@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tasks.backends.registry.client import error_code, retry_after
-from tasks.backends.registry.target import CacheTooLargeError, check_import_limits, too_large
+from tasks.backends.registry.errors import CacheTooLargeError, check_import_limits, too_large
 from tasks.backends.registry.upload import pieces, skip
 from tasks.backends.target import DigestMismatchError
 from tasks.cacheformat import Descriptor

@@ -26,6 +26,13 @@ from urllib.parse import urlencode, urljoin, urlsplit
 import httpx
 
 from tasks.backends.registry import auth
+from tasks.backends.registry.errors import (
+    PermanentRegistryError,
+    RegistryAuthError,
+    RegistryError,
+    RegistryNotFoundError,
+    TransientRegistryError,
+)
 from tasks.cacheformat.mediatypes import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -38,34 +45,6 @@ MANIFEST_ACCEPT: Final = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DO
 MAX_RETRY_AFTER: Final = 60.0
 ATTEMPTS: Final = 5
 TIMEOUT: Final = httpx.Timeout(120.0, connect=15.0)
-
-
-class RegistryError(Exception):
-    """A registry request that failed; the message names the registry and the operation."""
-
-    transient = False
-
-    def __init__(self, message: str, status: int = 0, code: str = "") -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
-
-
-class TransientRegistryError(RegistryError):
-    """Worth retrying later: 5xx, 429, a broken connection, a forgotten upload session."""
-
-    transient = True
-
-
-class PermanentRegistryError(RegistryError):
-    """Retrying will not help: refused credentials, unknown names, invalid content."""
-
-
-class RegistryAuthError(PermanentRegistryError):
-    """401 or 403: no or wrong credentials, or no right to this repository."""
-
-
-class RegistryNotFoundError(PermanentRegistryError):
-    """404 on a manifest or blob the request needs."""
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,8 @@ import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from tasks.backends.registry.client import (
-    PermanentRegistryError,
-    RegistryClient,
-    RegistryNotFoundError,
-)
+from tasks.backends.registry.client import RegistryClient
+from tasks.backends.registry.errors import PermanentRegistryError, RegistryNotFoundError
 from tasks.backends.registry.upload import push_bytes
 from tasks.backends.source import MAX_METADATA_BYTES
 from tasks.backends.target import InvalidStoredConfigError, NameWrite, now_go
@@ -88,7 +85,7 @@ def merge_into_tag(
     on_wait: Callable[[], None] = lambda: None,
 ) -> NameWrite:
     """Read what the tag holds, merge the plan into it, push the config then the manifest."""
-    from tasks.backends.registry.target import check_import_limits
+    from tasks.backends.registry.errors import check_import_limits
 
     ref = spec.reference
     tag = ref.tag or "latest"

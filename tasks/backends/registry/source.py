@@ -16,11 +16,8 @@ from typing import Any, BinaryIO, cast
 
 import httpx
 
-from tasks.backends.registry.client import (
-    RegistryClient,
-    RegistryNotFoundError,
-    TransientRegistryError,
-)
+from tasks.backends.registry.client import RegistryClient
+from tasks.backends.registry.errors import RegistryNotFoundError, TransientRegistryError
 from tasks.backends.source import (
     MAX_METADATA_BYTES,
     LoadedCache,

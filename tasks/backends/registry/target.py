@@ -20,6 +20,7 @@ from typing import Any
 
 from tasks.backends.registry import merge
 from tasks.backends.registry.client import RegistryClient
+from tasks.backends.registry.errors import check_import_limits
 from tasks.backends.registry.upload import (
     OpenSource,
     Sessions,
@@ -27,37 +28,14 @@ from tasks.backends.registry.upload import (
     upload_chunked,
     upload_whole,
 )
-from tasks.backends.target import CopyOutcome, NameWrite, NameWriteError
-from tasks.cacheformat import MAX_IMPORT_BLOB_SIZE, MEDIA_TYPE_CACHE_CONFIG, Descriptor
+from tasks.backends.target import CopyOutcome, NameWrite
+from tasks.cacheformat import MEDIA_TYPE_CACHE_CONFIG, Descriptor
 from tasks.fleet.flight import STORED_MARK_SECONDS, lock_key, single_flight, stored_mark
 from tasks.plan import ExportPlan
 from tasks.request import RegistrySpec
 
 #: Blobs larger than this go in resumable chunks of this size (CACHESHIP_REGISTRY_CHUNK_SIZE).
 DEFAULT_CHUNK_SIZE = 32 * 1024 * 1024
-
-
-class CacheTooLargeError(NameWriteError):
-    """A manifest or config over what BuildKit's registry importer reads."""
-
-
-def too_large(what: str, desc: Descriptor) -> str | None:
-    """The refusal for one document over BuildKit's 1 MiB limit, with the remedies."""
-    if desc.size <= MAX_IMPORT_BLOB_SIZE:
-        return None
-    return (
-        f"cache {what} {desc.digest} is {desc.size} bytes, over the {MAX_IMPORT_BLOB_SIZE} "
-        "bytes (1 MiB) BuildKit's registry importer reads (it would refuse the cache); "
-        "nothing was written. Remedies: export the build with mode=min, or merge=true with "
-        "max_records=N (and max_age) to bound the records kept; type=s3 has no such limit"
-    )
-
-
-def check_import_limits(config: Descriptor, manifest: Descriptor) -> None:
-    for what, desc in (("config", config), ("manifest", manifest)):
-        message = too_large(what, desc)
-        if message is not None:
-            raise CacheTooLargeError(message)
 
 
 class RegistryTarget:

@@ -18,11 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any, BinaryIO, Final
 
-from tasks.backends.registry.client import (
-    PermanentRegistryError,
-    RegistryClient,
-    TransientRegistryError,
-)
+from tasks.backends.registry.client import RegistryClient
+from tasks.backends.registry.errors import PermanentRegistryError, TransientRegistryError
 from tasks.backends.target import CopyOutcome, DigestMismatchError
 from tasks.cacheformat import Descriptor
 

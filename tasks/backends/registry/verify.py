@@ -12,7 +12,8 @@ import hashlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from tasks.backends.registry.client import RegistryClient, RegistryError
+from tasks.backends.registry.client import RegistryClient
+from tasks.backends.registry.errors import RegistryError
 from tasks.backends.registry.source import BlobStream
 from tasks.backends.source import MAX_METADATA_BYTES
 from tasks.cacheformat import (
