@@ -29,9 +29,18 @@ def redrives_key(export_id: str) -> str:
     return f"cacheship-redrives-{export_id}"
 
 
-def touch(redis: Any, export_id: str, now: float | None = None) -> None:
-    """The export moved: its stall clock starts again."""
-    redis.zadd(ACTIVE_KEY, {export_id: time.time() if now is None else now})
+def touch(redis: Any, export_id: str, now: float | None = None, start: bool = False) -> None:
+    """The export moved: its stall clock starts again.
+
+    Only ``start`` (the export task, once it has a plan) adds an export to the set; any other
+    touch updates one already there, so a layer that ends after its export ended (and was
+    forgotten) does not put it back to be looked at again.
+    """
+    score = {export_id: time.time() if now is None else now}
+    if start:
+        redis.zadd(ACTIVE_KEY, score)
+    else:
+        redis.zadd(ACTIVE_KEY, score, xx=True)
 
 
 def forget(redis: Any, export_id: str) -> None:

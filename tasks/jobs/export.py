@@ -151,7 +151,7 @@ def export(self: Task[Any, Any], request: dict[str, Any]) -> dict[str, Any]:
         config.result_expires,
     )
     if not redis.exists(f"cacheship-finished-{export_id}"):
-        watchdog.touch(redis, export_id)  # watched from now on, until it ends
+        watchdog.touch(redis, export_id, start=True)  # watched from now on, until it ends
     meta = {
         "export_id": export_id,
         "phase": "copying",

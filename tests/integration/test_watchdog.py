@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 
+from tasks import watchdog
 from tasks.fleet.state import plan_key
 from tests.faultproxy import FaultPlan, FaultProxy
 from tests.integration.test_export import assert_sound_cache
@@ -113,3 +114,16 @@ def test_an_export_that_cannot_be_driven_again_fails_with_the_reason(
         client.wait(export_id, timeout=60)
     assert "plan has expired" in str(failed.value)
     assert s3.list_objects_v2(Bucket=bucket, Prefix="manifests/").get("KeyCount", 0) == 0
+
+
+def test_only_the_export_itself_starts_its_watch(redis_server: ServerProcess) -> None:
+    """A layer ending after its export ended (and was forgotten) does not put it back."""
+    db = redis.Redis.from_url(redis_server.url)
+    watchdog.touch(db, "late-export")  # a layer's touch before the export task's start
+    assert db.zscore(watchdog.ACTIVE_KEY, "late-export") is None
+    watchdog.touch(db, "late-export", now=100.0, start=True)
+    watchdog.touch(db, "late-export", now=200.0)  # a layer moved
+    assert db.zscore(watchdog.ACTIVE_KEY, "late-export") == 200.0
+    watchdog.forget(db, "late-export")  # the export ended
+    watchdog.touch(db, "late-export")  # a layer still running stops after the end
+    assert db.zscore(watchdog.ACTIVE_KEY, "late-export") is None
