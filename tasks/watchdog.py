@@ -48,6 +48,30 @@ def forget(redis: Any, export_id: str) -> None:
     redis.zrem(ACTIVE_KEY, export_id)
 
 
+def count_redrive(redis: Any, export_id: str, ttl: int, now: float | None = None) -> int:
+    """Count one more re-drive of a stalled export and start its stall clock again.
+
+    The count goes back to 1 when the export moved since the last re-drive (its score is
+    newer than that re-drive's own touch): ``CACHESHIP_STALL_REDRIVES`` bounds re-drives
+    *without progress between them*, not the stalls of a long export's whole life.
+    """
+    now = time.time() if now is None else now
+    key = redrives_key(export_id)
+    raw = redis.get(key)
+    count, at = 0, 0.0
+    if raw:
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        number, _, when = text.partition(":")
+        count, at = int(number or 0), float(when or 0)
+    score = redis.zscore(ACTIVE_KEY, export_id)
+    if score is None or float(score) > at:
+        count = 0
+    count += 1
+    redis.set(key, f"{count}:{now!r}", ex=ttl)
+    redis.zadd(ACTIVE_KEY, {export_id: now}, xx=True)
+    return count
+
+
 def stalled(redis: Any, stall_timeout: float, now: float | None = None) -> list[str]:
     """Exports that have not moved for ``stall_timeout`` seconds, oldest first."""
     now = time.time() if now is None else now

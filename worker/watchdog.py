@@ -100,13 +100,11 @@ def _one(
     if review.queued and not review.redrives:
         policy.touch(redis, export_id)  # waiting its turn in a busy queue: not stuck
         return "queued"
-    count = int(redis.incr(policy.redrives_key(export_id)))
-    redis.expire(policy.redrives_key(export_id), settings.result_expires)
+    count = policy.count_redrive(redis, export_id, settings.result_expires)
     if count > settings.stall_redrives:
         reason = policy.give_up_reason(review, settings.stall_timeout, count - 1)
         finish(celery, hostname, export_id, None, reason)
         return f"failed: {reason}"
-    policy.touch(redis, export_id)
     if review.resend_layers:
         _resend_layers(stored, review.resend_layers, export_id)
         logger.warning("export %s: no progress for %.0fs; %d layers sent again", export_id,

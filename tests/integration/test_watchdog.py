@@ -127,3 +127,15 @@ def test_only_the_export_itself_starts_its_watch(redis_server: ServerProcess) ->
     watchdog.forget(db, "late-export")  # the export ended
     watchdog.touch(db, "late-export")  # a layer still running stops after the end
     assert db.zscore(watchdog.ACTIVE_KEY, "late-export") is None
+
+
+def test_redrives_count_only_while_the_export_makes_no_progress(
+    redis_server: ServerProcess,
+) -> None:
+    db = redis.Redis.from_url(redis_server.url)
+    watchdog.touch(db, "long-export", now=10.0, start=True)
+    assert watchdog.count_redrive(db, "long-export", 60, now=200.0) == 1
+    assert watchdog.count_redrive(db, "long-export", 60, now=400.0) == 2  # still stuck
+    watchdog.touch(db, "long-export", now=450.0)  # a layer moved: a new stall counts anew
+    assert watchdog.count_redrive(db, "long-export", 60, now=700.0) == 1
+    assert db.zscore(watchdog.ACTIVE_KEY, "long-export") == 700.0
