@@ -331,7 +331,12 @@ class Client:
         if not raw:
             return dict(PENDING_META)
         backend: Any = self.app.backend
-        meta: dict[str, Any] = backend.decode_result(raw)
+        try:
+            meta: dict[str, Any] = backend.decode_result(raw)
+        except (KeyError, TypeError, ValueError):
+            # A state Celery reads as an exception stored with a plain result (a layer that
+            # found its export cancelled is stored REVOKED with its reason): as stored.
+            meta = backend.decode(raw)
         return meta
 
     def snapshot(self, export_id: str, with_steps: bool = True) -> Snapshot:
